@@ -1,0 +1,293 @@
+"""Typed configuration: every key, its type and its default live here, each with a comment.
+
+A YAML file in ``configs/`` overrides the defaults; dotted ``key=value`` pairs on the command
+line override the YAML (values parsed as YAML scalars/lists). Unknown keys and wrong types are
+a ``ConfigError`` that names the key and suggests the closest valid one.
+
+    cfg = load_config("configs/unet3d.yaml", ["data.root=/data/brats", "train.epochs=5"])
+    cfg.train.epochs  # -> 5
+    to_dict(cfg)      # -> plain dict, what is saved with runs and checkpoints
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from engine.errors import UserError
+
+
+class ConfigError(UserError):
+    """An unknown key, a wrong type or an invalid value in a config file or override."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections. Keep each key on one line with a comment; these are the documented defaults.
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    root: str = "data/brats"  # BraTS folder holding one sub-folder per case
+    modalities: list[str] = field(default_factory=lambda: ["t1", "t1ce", "t2", "flair"])  # input channel order; 2021 and 2023 names are aliases
+    label_convention: Literal["auto", "2021", "2023"] = "auto"  # auto = detect from label values (ET=4 -> 2021, ET=3 -> 2023)
+    cache_dir: str = "cache"  # preprocessed .npy cache; a sub-folder per hash of the preprocessing settings
+    cache_dtype: Literal["float16", "float32"] = "float32"  # dtype of cached images
+    cache_workers: int = 2  # processes used to build the cache
+    patch_size: list[int] = field(default_factory=lambda: [128, 128, 128])  # training patch (X, Y, Z) in voxels
+    batch_size: int = 2  # patches per step per process (per GPU under torchrun)
+    num_workers: int = 4  # DataLoader worker processes (0 = load in the main process)
+    foreground_fraction: float = 0.33  # fraction of patches forced to contain tumour
+    split_file: str = ""  # JSON {"train": [ids], "val": [ids]}; empty = k-fold split below
+    folds: int = 5  # k of the k-fold split (cases shuffled with data.seed)
+    fold: int = 0  # which fold is the validation set
+    seed: int = 12345  # seed of the k-fold shuffle
+    synthetic_cases: int = 0  # if > 0 and root is missing, generate this many synthetic cases there
+    synthetic_shape: list[int] = field(default_factory=lambda: [240, 240, 155])  # shape of generated cases
+    synthetic_convention: Literal["2021", "2023"] = "2021"  # naming/label convention of generated cases
+
+
+@dataclass
+class AugmentConfig:
+    device: Literal["loader", "train"] = "loader"  # loader = in DataLoader workers (CPU); train = on the training device, per batch
+    flip_prob: float = 0.5  # probability of flipping each axis independently
+    rotate_prob: float = 0.2  # probability of a random rotation
+    rotate_range: float = 30.0  # max rotation per axis, degrees
+    scale_prob: float = 0.2  # probability of a random isotropic scaling
+    scale_range: list[float] = field(default_factory=lambda: [0.7, 1.4])  # zoom factor range
+    elastic_prob: float = 0.0  # probability of elastic deformation (off by default: slow)
+    elastic_sigma: float = 8.0  # smoothness of the displacement field, voxels
+    elastic_magnitude: float = 4.0  # max displacement, voxels
+    intensity_scale_prob: float = 0.15  # probability of multiplying intensities
+    intensity_scale_range: list[float] = field(default_factory=lambda: [0.75, 1.25])  # multiplier range
+    intensity_shift_prob: float = 0.15  # probability of adding an offset (z-score units)
+    intensity_shift_range: float = 0.1  # max absolute offset
+    gamma_prob: float = 0.3  # probability of a gamma transform
+    gamma_range: list[float] = field(default_factory=lambda: [0.7, 1.5])  # gamma range
+    noise_prob: float = 0.1  # probability of additive Gaussian noise
+    noise_std: float = 0.1  # max noise standard deviation
+    blur_prob: float = 0.1  # probability of Gaussian blur
+    blur_sigma: list[float] = field(default_factory=lambda: [0.5, 1.0])  # blur sigma range, voxels
+
+
+@dataclass
+class UNet3DConfig:
+    features: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 320, 320])  # channels per encoder stage
+    strides: list[int] = field(default_factory=lambda: [1, 2, 2, 2, 2, 2])  # downsampling stride entering each stage
+    blocks_per_stage: list[int] = field(default_factory=lambda: [1, 1, 1, 1, 1, 1])  # conv blocks per encoder stage
+    decoder_blocks: int = 1  # conv blocks per decoder stage
+    residual: bool = False  # residual encoder blocks (nnU-Net ResEnc)
+    deep_supervision: bool = True  # auxiliary outputs at decoder stages during training
+
+
+@dataclass
+class SwinUNETRConfig:
+    feature_size: int = 48  # channels after patch embedding (multiple of 12)
+    depths: list[int] = field(default_factory=lambda: [2, 2, 2, 2])  # Swin blocks per stage
+    num_heads: list[int] = field(default_factory=lambda: [3, 6, 12, 24])  # attention heads per stage
+    window_size: int = 7  # attention window edge, tokens
+    patch_size: int = 2  # patch embedding edge, voxels
+    drop_path: float = 0.0  # stochastic depth rate
+    deep_supervision: bool = False  # auxiliary outputs at decoder stages during training
+
+
+@dataclass
+class ModelConfig:
+    name: Literal["unet3d", "swin_unetr"] = "unet3d"  # network to build (models/registry.py)
+    checkpointing: bool = False  # gradient checkpointing: less memory, ~30% slower
+    unet3d: UNet3DConfig = field(default_factory=UNet3DConfig)  # used when name = unet3d
+    swin_unetr: SwinUNETRConfig = field(default_factory=SwinUNETRConfig)  # used when name = swin_unetr
+
+
+@dataclass
+class LossConfig:
+    name: Literal["dice_ce", "region_dice_bce"] = "dice_ce"  # dice_ce = softmax over labels; region_dice_bce = sigmoid over WT/TC/ET
+    dice_weight: float = 1.0  # weight of the soft Dice term
+    ce_weight: float = 1.0  # weight of the cross-entropy / BCE term
+    include_background: bool = False  # include class 0 in the Dice term (dice_ce only)
+    batch_dice: bool = False  # sum over the batch before the Dice ratio
+    smooth: float = 1e-5  # smoothing added to Dice numerator and denominator
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100  # number of epochs
+    iters_per_epoch: int = 250  # optimizer steps per epoch
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # sgd = SGD with Nesterov momentum
+    lr: float = 0.01  # peak learning rate
+    weight_decay: float = 3e-5  # weight decay
+    momentum: float = 0.99  # SGD momentum
+    schedule: Literal["poly", "cosine"] = "poly"  # poly = (1 - t)^0.9; cosine = warmup + cosine
+    warmup_epochs: int = 0  # linear warmup epochs (both schedules)
+    grad_clip: float = 12.0  # max gradient norm (0 = off)
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast dtype on CUDA (CPU runs fp32 unless bf16)
+    channels_last: bool = True  # channels_last_3d memory format on CUDA
+    compile: bool = False  # torch.compile the model (CUDA)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0  # global seed (each DDP rank / worker derives its own)
+    deterministic: bool = False  # deterministic algorithms (slower)
+    val_every: int = 1  # validate every N epochs
+    val_hd95: bool = False  # also compute HD95 during validation (slower)
+    skip_nonfinite: bool = False  # skip steps with a non-finite loss instead of stopping
+    time_limit: float = 0.0  # minutes; stop cleanly after this (0 = no limit)
+    log_every: int = 10  # iterations between TensorBoard scalar writes
+
+
+@dataclass
+class InferConfig:
+    overlap: float = 0.5  # sliding-window overlap fraction in [0, 1)
+    sw_batch_size: int = 4  # windows per forward pass
+    tta: bool = False  # mirror test-time augmentation over all 8 axis flips
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast dtype on CUDA
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    gaussian_sigma: float = 0.125  # Gaussian importance sigma as a fraction of the window
+    region_threshold: float = 0.5  # sigmoid threshold for region outputs
+    min_component_size: list[int] = field(default_factory=lambda: [0, 0, 0])  # drop components smaller than this per region (WT, TC, ET); 0 = off
+    et_min_volume: int = 0  # relabel all ET as NCR when the ET volume is below this (voxels); 0 = off
+
+
+@dataclass
+class MetricsConfig:
+    convention: Literal["legacy", "lesionwise"] = "legacy"  # empty-mask and lesion rules (metrics/)
+
+
+@dataclass
+class Config:
+    out_dir: str = ""  # run folder; empty = runs/<config file name>
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overrides, validation.
+# ----------------------------------------------------------------------------------------------
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Defaults <- YAML file (if given) <- dotted ``key=value`` overrides, validated."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+    cfg = from_dict(raw)
+    if not cfg.out_dir and path is not None:
+        cfg.out_dir = str(Path("runs") / path.stem)
+    return cfg
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``'train.lr=1e-3'`` -> ``('train.lr', 0.001)``; the value is parsed as a YAML scalar/list."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"override {item!r}: value is not valid YAML") from None
+    return key.strip(), value
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Build a validated ``Config`` from a (possibly partial) nested dict."""
+    return _build(Config, raw, prefix="")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The resolved config as plain dicts/lists/scalars (YAML- and checkpoint-safe)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+    values = {}
+    for name in names:
+        if name not in raw:
+            continue
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            values[name] = _build(typ, raw[name] or {}, prefix=f"{prefix}{name}.")
+        else:
+            values[name] = _check_value(f"{prefix}{name}", typ, raw[name])
+    return cls(**values)
+
+
+def _check_value(key: str, typ: Any, value: Any) -> Any:
+    origin = typing.get_origin(typ)
+    if origin is Literal:
+        choices = typing.get_args(typ)
+        # YAML reads 2021 as an int; the choices are strings
+        if not isinstance(value, bool) and isinstance(value, (int, float)) and str(value) in choices:
+            value = str(value)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin is list:
+        (item_type,) = typing.get_args(typ)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list of {item_type.__name__}, got {value!r}")
+        return [_check_value(f"{key}[{i}]", item_type, v) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"{key}: union types are not supported in the config")
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"{key}: unsupported config type {typ!r}")

@@ -1,0 +1,25 @@
+"""User-facing errors and the CLI wrapper that turns them into one line and exit code 2."""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+class UserError(Exception):
+    """A problem with the user's input (file, folder, config, checkpoint), not a bug.
+
+    The message must be one line that names the file/key and the problem.
+    """
+
+
+def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
+    """Run ``main(argv)``; a ``UserError`` prints ``error: <message>`` to stderr and exits 2."""
+    try:
+        code = main(argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)
