@@ -1,0 +1,96 @@
+"""Config loading: defaults, YAML, dotted overrides, type checks, suggestions."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from engine.config import Config, ConfigError, from_dict, load_config, parse_override, save_config, to_dict
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def write_yaml(tmp_path, data, name="exp.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_defaults_without_file():
+    cfg = load_config(None)
+    assert cfg == Config()
+    assert cfg.data.modalities == ["t1", "t1ce", "t2", "flair"]
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = write_yaml(tmp_path, {"data": {"root": "/a"}, "train": {"epochs": 3, "lr": 0.5}})
+    cfg = load_config(path, ["data.root=/data/brats", "train.epochs=5", "data.patch_size=[64, 64, 32]"])
+    assert cfg.data.root == "/data/brats"
+    assert cfg.train.epochs == 5
+    assert cfg.train.lr == 0.5  # from the file
+    assert cfg.data.patch_size == [64, 64, 32]
+    assert cfg.out_dir == "runs/exp"  # default derived from the file name
+
+
+@pytest.mark.parametrize("item, expected", [
+    ("train.lr=1.0e-3", ("train.lr", 0.001)),
+    ("train.compile=true", ("train.compile", True)),
+    ("data.root=", ("data.root", "")),
+    ("data.modalities=[t1, t2]", ("data.modalities", ["t1", "t2"])),
+    ("model.name=swin_unetr", ("model.name", "swin_unetr")),
+])
+def test_parse_override(item, expected):
+    assert parse_override(item) == expected
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"trian": {}}, "did you mean 'train'"),
+    ({"train": {"epoch": 3}}, "did you mean 'train.epochs'"),
+    ({"model": {"unet3d": {"feature": [1]}}}, "did you mean 'model.unet3d.features'"),
+    ({"train": {"epochs": "ten"}}, "train.epochs: expected an integer"),
+    ({"train": {"epochs": 2.5}}, "train.epochs: expected an integer"),
+    ({"train": {"compile": 1}}, "train.compile: expected true/false"),
+    ({"train": {"lr": "fast"}}, "train.lr: expected a number"),
+    ({"train": {"optimizer": "adam"}}, "train.optimizer: 'adam' is not one of sgd, adamw"),
+    ({"data": {"patch_size": 128}}, "data.patch_size: expected a list"),
+    ({"data": {"patch_size": [128, "x", 128]}}, "data.patch_size[1]: expected an integer"),
+    ({"data": 5}, "data: expected a mapping"),
+])
+def test_invalid_raises_naming_key(raw, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
+        from_dict(raw)
+
+
+def test_int_accepted_for_float_and_convention_as_int():
+    cfg = from_dict({"train": {"lr": 1}, "data": {"label_convention": 2023}})
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert load_config(None, ["train.lr=1e-3"]).train.lr == 0.001  # YAML 1.1 reads 1e-3 as a string
+    assert cfg.data.label_convention == "2023"
+
+
+@pytest.mark.parametrize("bad", ["train.epochs", "nosuch.key=1", "train.nosuch=1"])
+def test_bad_overrides(bad):
+    with pytest.raises(ConfigError):
+        load_config(None, [bad])
+
+
+def test_missing_and_invalid_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(bad)
+
+
+def test_save_round_trip(tmp_path):
+    cfg = load_config(None, ["train.epochs=7", "model.name=swin_unetr"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") .train.epochs == 7
+    assert from_dict(to_dict(cfg)) == cfg
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.out_dir == f"runs/{path.stem}"
