@@ -1,0 +1,46 @@
+"""Segmentation losses, built from ``cfg.loss``.
+
+    loss_fn = build_loss(cfg.loss)               # nn.Module
+    mode = output_mode(cfg.loss)                 # "labels" (softmax, 4 ch) or "regions" (sigmoid, 3 ch)
+    out_channels = datasets.labels.output_channels(mode)
+    loss = loss_fn(logits_or_list, classes)      # float32 scalar
+
+``logits_or_list`` is ``(B, K, X, Y, Z)`` or a deep-supervision list ``[full, 1/2, 1/4, ...]``;
+``classes`` is ``(B, X, Y, Z)`` int64 training classes (0 bg, 1 NCR, 2 ED, 3 ET).
+
+Losses: ``dice_ce`` (softmax soft Dice + cross-entropy, ``losses/dice.py``) and
+``region_dice_bce`` (sigmoid WT/TC/ET soft Dice + BCE, ``losses/region.py``).
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from losses.deep_supervision import DeepSupervisionLoss, deep_supervision_weights
+from losses.dice import DiceCELoss, soft_dice, soft_dice_loss
+from losses.region import RegionDiceBCELoss
+
+# loss name -> output mode of the network it trains
+LOSS_MODES = {"dice_ce": "labels", "region_dice_bce": "regions"}
+
+__all__ = ["build_loss", "output_mode", "LOSS_MODES", "DiceCELoss", "RegionDiceBCELoss",
+           "DeepSupervisionLoss", "deep_supervision_weights", "soft_dice", "soft_dice_loss"]
+
+
+def output_mode(loss_cfg) -> str:
+    """``"labels"`` for ``dice_ce``, ``"regions"`` for ``region_dice_bce``."""
+    if loss_cfg.name not in LOSS_MODES:
+        raise ValueError(f"unknown loss {loss_cfg.name!r} (valid: {', '.join(LOSS_MODES)})")
+    return LOSS_MODES[loss_cfg.name]
+
+
+def build_loss(loss_cfg) -> nn.Module:
+    """The loss named by ``loss_cfg.name``, wrapped for deep supervision (a plain tensor
+    prediction passes straight through)."""
+    mode = output_mode(loss_cfg)
+    if loss_cfg.name == "dice_ce":
+        base = DiceCELoss(loss_cfg.dice_weight, loss_cfg.ce_weight, loss_cfg.include_background,
+                          loss_cfg.batch_dice, loss_cfg.smooth)
+    else:
+        base = RegionDiceBCELoss(loss_cfg.dice_weight, loss_cfg.ce_weight, loss_cfg.batch_dice,
+                                 loss_cfg.smooth)
+    return DeepSupervisionLoss(base, mode)

@@ -1,0 +1,96 @@
+"""Per-case CPU time of the BraTS metrics on a full 240 x 240 x 155 case (JSON out).
+
+    python bench/metrics_cpu.py [--repeats 5] [-o bench/results/metrics_cpu.json]
+
+The case is a synthetic tumour (edema shell around a core with an enhancing rim and necrosis,
+about 1e5 WT voxels) and a prediction that is shifted, eroded in places and has a stray
+enhancing island. Reports the median seconds of ``case_metrics`` without HD95, with HD95, and
+under the lesion-wise convention, plus the parts (confusion counts, HD95 of each region).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from metrics import case_metrics, confusion_matrix, hd95  # noqa: E402
+
+SHAPE = (240, 240, 155)
+
+
+def synthetic_case(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(prediction, reference) training-class maps of a tumour-like case."""
+    rng = np.random.default_rng(seed)
+    grid = np.indices(SHAPE, dtype=np.float32)
+    centre = np.array([130.0, 110.0, 80.0])
+    radius = np.sqrt((((grid - centre[:, None, None, None]) / np.array([1.0, 1.2, 0.9])[:, None, None, None]) ** 2).sum(0))
+    bumps = ndimage.gaussian_filter(rng.normal(0, 1, SHAPE).astype(np.float32), 6) * 40
+    r = radius + bumps
+    ref = np.zeros(SHAPE, dtype=np.uint8)
+    ref[r < 30] = 2  # edema
+    ref[r < 18] = 3  # enhancing rim
+    ref[r < 12] = 1  # necrotic core
+    shifted = np.roll(ref, (2, -1, 1), axis=(0, 1, 2))
+    pred = shifted.copy()
+    pred[(shifted == 3) & ~ndimage.binary_erosion(shifted == 3, iterations=1)] = 1  # thinner rim
+    pred[60:64, 60:64, 40:43] = 3  # stray enhancing island
+    return pred, ref
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("-o", "--output", help="also write the JSON here")
+    args = parser.parse_args(argv)
+    pred, ref = synthetic_case()
+    spacing = (1.0, 1.0, 1.0)
+    case_metrics(pred, ref, spacing)  # warm-up
+    region_masks = {"WT": (pred > 0, ref > 0), "TC": (np.isin(pred, (1, 3)), np.isin(ref, (1, 3))),
+                    "ET": (pred == 3, ref == 3)}
+    result = {
+        "shape": list(SHAPE),
+        "voxels": {"WT_ref": int((ref > 0).sum()), "TC_ref": int(np.isin(ref, (1, 3)).sum()),
+                   "ET_ref": int((ref == 3).sum())},
+        "repeats": args.repeats,
+        "seconds_per_case": {
+            "legacy_without_hd95": median_time(lambda: case_metrics(pred, ref, spacing, hd95=False), args.repeats),
+            "legacy_with_hd95": median_time(lambda: case_metrics(pred, ref, spacing), args.repeats),
+            "lesionwise_with_hd95": median_time(lambda: case_metrics(pred, ref, spacing, "lesionwise"), args.repeats),
+        },
+        "seconds_parts": {
+            "confusion_matrix": median_time(lambda: confusion_matrix(pred, ref), args.repeats),
+            **{f"hd95_{name}_full_volume": median_time(lambda p=p, r=r: hd95(p, r, spacing), args.repeats)
+               for name, (p, r) in region_masks.items()},
+        },
+        "scores_legacy": case_metrics(pred, ref, spacing),
+        "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version(),
+                    "numpy": np.__version__},
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

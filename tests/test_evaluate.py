@@ -1,0 +1,173 @@
+"""evaluate.py end to end on tiny NIfTI files: both reference layouts, both label conventions,
+both metric conventions, and every user error as one line with exit code 2."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import evaluate
+from engine.errors import run_cli
+from metrics import case_metrics, hd95
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = (16, 14, 10)
+AFFINE = np.diag([1.0, 1.0, 2.0, 1.0])  # anisotropic: 2 mm along z
+
+
+def classes_volume(shift: int = 0) -> np.ndarray:
+    """Training classes: an ED box holding an NCR box holding an ET box (shifted along x)."""
+    c = np.zeros(SHAPE, dtype=np.uint8)
+    c[3 + shift:12 + shift, 3:11, 2:8] = 2
+    c[5 + shift:10 + shift, 5:9, 3:7] = 1
+    c[6 + shift:9 + shift, 6:8, 4:6] = 3
+    return c
+
+
+def to_labels(classes: np.ndarray, convention: str) -> np.ndarray:
+    values = {"2021": (0, 1, 2, 4), "2023": (0, 1, 2, 3)}[convention]
+    return np.asarray(values, dtype=np.uint8)[classes]
+
+
+def save(data: np.ndarray, path: Path, affine: np.ndarray = AFFINE) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data.astype(np.uint8), affine), str(path))
+    return path
+
+
+@pytest.fixture()
+def flat(tmp_path):
+    """Flat reference folder (2023 labels) and predictions for two cases; returns (pred, ref)."""
+    ref_dir, pred_dir = tmp_path / "ref", tmp_path / "pred"
+    save(to_labels(classes_volume(), "2023"), ref_dir / "case_a.nii.gz")
+    save(to_labels(classes_volume(), "2023"), ref_dir / "case_b.nii.gz")
+    save(to_labels(classes_volume(), "2023"), pred_dir / "case_a.nii.gz")
+    save(to_labels(classes_volume(shift=1), "2023"), pred_dir / "case_b.nii.gz")
+    return pred_dir, ref_dir
+
+
+def run_error(argv, capsys) -> str:
+    """Run the CLI expecting a user error; return its single stderr line."""
+    with pytest.raises(SystemExit) as exc:
+        run_cli(evaluate.main, argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_flat_references(flat, capsys):
+    pred_dir, ref_dir = flat
+    assert evaluate.main(["--pred", str(pred_dir), "--ref", str(ref_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "WT" in out and "Dice" in out and "2 cases" in out
+    report = json.loads((pred_dir / "metrics.json").read_text())
+    assert report["convention"] == "legacy" and "373.13" in report["rules"]
+    assert report["cases"]["case_a"]["ET"]["dice"] == 1.0 and report["cases"]["case_a"]["WT"]["hd95"] == 0.0
+    expected = case_metrics(classes_volume(shift=1), classes_volume(), (1.0, 1.0, 2.0))
+    for region in ("WT", "TC", "ET"):
+        for key in ("dice", "sensitivity", "specificity", "hd95"):
+            assert report["cases"]["case_b"][region][key] == pytest.approx(expected[region][key])
+    # HD95 used the header spacing (1, 1, 2): a one-voxel shift along x is 1 mm
+    wt_shifted, wt = classes_volume(shift=1) > 0, classes_volume() > 0
+    assert report["cases"]["case_b"]["WT"]["hd95"] == pytest.approx(hd95(wt_shifted, wt, (1, 1, 2)))
+    assert report["mean"]["WT"]["dice"] == pytest.approx((1.0 + expected["WT"]["dice"]) / 2)
+    csv_lines = (pred_dir / "metrics.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("case_id,region,dice") and len(csv_lines) == 1 + 6
+
+
+@pytest.mark.parametrize("folder, sep, ref_convention", [("BraTS2021_00007", "_", "2021"),
+                                                         ("BraTS-GLI-00007-000", "-", "2023")])
+def test_dataset_folder_references(tmp_path, folder, sep, ref_convention, capsys):
+    ref_dir, pred_dir = tmp_path / "data", tmp_path / "pred"
+    save(to_labels(classes_volume(), ref_convention), ref_dir / folder / f"{folder}{sep}seg.nii.gz")
+    save(np.zeros(SHAPE), ref_dir / folder / f"{folder}{sep}{'t1' if sep == '_' else 't1n'}.nii.gz")
+    # predictions in the other convention: each file's convention is detected on its own
+    other = "2023" if ref_convention == "2021" else "2021"
+    save(to_labels(classes_volume(), other), pred_dir / f"{folder}.nii.gz")
+    out_json = tmp_path / "reports" / "lesionwise.json"
+    argv = ["--pred", str(pred_dir), "--ref", str(ref_dir), "--convention", "lesionwise", "-o", str(out_json)]
+    assert evaluate.main(argv) == 0
+    report = json.loads(out_json.read_text())
+    assert report["convention"] == "lesionwise"
+    case = report["cases"][folder]
+    assert all(case[r]["dice"] == 1.0 and case[r]["hd95"] == 0.0 for r in ("WT", "TC", "ET"))
+    assert case["ET"]["num_lesions"] == 0  # ET is 3*2*2 = 12 voxels * 2 mm^3 = 24 mm^3 <= 50: not scored
+    assert case["WT"]["num_lesions"] == 1
+    assert (tmp_path / "reports" / "lesionwise.csv").is_file()
+
+
+def test_parallel_workers_give_the_same_report(flat, tmp_path):
+    pred_dir, ref_dir = flat
+    serial, parallel = tmp_path / "serial.json", tmp_path / "parallel.json"
+    assert evaluate.main(["--pred", str(pred_dir), "--ref", str(ref_dir), "-o", str(serial)]) == 0
+    assert evaluate.main(["--pred", str(pred_dir), "--ref", str(ref_dir), "-o", str(parallel), "-j", "2"]) == 0
+    assert json.loads(serial.read_text()) == json.loads(parallel.read_text())
+
+
+def test_no_hd95_flag(flat):
+    pred_dir, ref_dir = flat
+    assert evaluate.main(["--pred", str(pred_dir), "--ref", str(ref_dir), "--no-hd95"]) == 0
+    report = json.loads((pred_dir / "metrics.json").read_text())
+    assert "hd95" not in report["cases"]["case_b"]["WT"]
+
+
+def test_shape_mismatch(flat, capsys):
+    pred_dir, ref_dir = flat
+    save(np.zeros((16, 14, 11)), pred_dir / "case_b.nii.gz")
+    line = run_error(["--pred", str(pred_dir), "--ref", str(ref_dir)], capsys)
+    assert "case_b.nii.gz" in line and "shape" in line
+
+
+def test_affine_mismatch(flat, capsys):
+    pred_dir, ref_dir = flat
+    save(to_labels(classes_volume(), "2023"), pred_dir / "case_a.nii.gz", affine=np.eye(4))
+    line = run_error(["--pred", str(pred_dir), "--ref", str(ref_dir)], capsys)
+    assert "case_a.nii.gz" in line and "affine" in line
+
+
+def test_missing_prediction(flat, capsys):
+    pred_dir, ref_dir = flat
+    (pred_dir / "case_b.nii.gz").unlink()
+    line = run_error(["--pred", str(pred_dir), "--ref", str(ref_dir)], capsys)
+    assert "case_b.nii.gz" in line and "1 of 2" in line
+
+
+@pytest.mark.parametrize("bad_values", [(0, 5), (0, 3, 4)])
+def test_unknown_label_values(flat, capsys, bad_values):
+    pred_dir, ref_dir = flat
+    labels = np.zeros(SHAPE, dtype=np.uint8)
+    labels[1, 1, 1:1 + len(bad_values)] = bad_values
+    save(labels, pred_dir / "case_a.nii.gz")
+    line = run_error(["--pred", str(pred_dir), "--ref", str(ref_dir)], capsys)
+    assert "case_a.nii.gz" in line and "label values" in line
+
+
+def test_empty_folders(tmp_path, flat, capsys):
+    pred_dir, ref_dir = flat
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no predictions" in run_error(["--pred", str(empty), "--ref", str(ref_dir)], capsys)
+    assert "no BraTS cases" in run_error(["--pred", str(pred_dir), "--ref", str(empty)], capsys)
+    assert "not found" in run_error(["--pred", str(tmp_path / "nope"), "--ref", str(ref_dir)], capsys)
+
+
+def test_refuses_to_write_inside_the_reference_folder(flat, capsys):
+    pred_dir, ref_dir = flat
+    line = run_error(["--pred", str(pred_dir), "--ref", str(ref_dir), "-o", str(ref_dir / "sub" / "m.json")], capsys)
+    assert "reference folder" in line
+    assert not (ref_dir / "sub").exists()
+
+
+def test_command_line_subprocess(flat):
+    # one real process (importing torch is the slow part): the error path, exit code 2, one line
+    pred_dir, ref_dir = flat
+    (pred_dir / "case_a.nii.gz").unlink()
+    bad = subprocess.run([sys.executable, "evaluate.py", "--pred", str(pred_dir), "--ref", str(ref_dir)],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and bad.stderr.startswith("error: ")
+    assert "case_a.nii.gz" in bad.stderr and not (pred_dir / "metrics.json").exists()
