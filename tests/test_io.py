@@ -1,0 +1,285 @@
+"""datasets/io.py: discovery of both naming conventions, geometry-preserving round trips, and
+one documented error per kind of bad input (each naming the file)."""
+import gzip
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from engine.errors import UserError
+from datasets.io import CaseError, Geometry, discover_cases, read_case, uncrop, write_probabilities, write_segmentation
+from datasets.preprocess import preprocess_case
+
+SHAPE = (12, 10, 8)
+MODALITIES = ["t1", "t1ce", "t2", "flair"]
+NAMES = {"2021": ("_", ["t1", "t1ce", "t2", "flair"]), "2023": ("-", ["t1n", "t1c", "t2w", "t2f"])}
+
+
+def _rotation(ax: float, az: float) -> np.ndarray:
+    cx, sx, cz, sz = math.cos(ax), math.sin(ax), math.cos(az), math.sin(az)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ rx
+
+
+def _affine(linear, offset) -> np.ndarray:
+    affine = np.eye(4)
+    affine[:3, :3] = linear
+    affine[:3, 3] = offset
+    return affine
+
+
+AFFINES = {
+    "lps": _affine(np.diag([-1.0, -1.0, 1.0]), [0.0, 239.0, 0.0]),
+    "ras": _affine(np.eye(3), [-90.0, -126.0, -72.0]),
+    "oblique": _affine(_rotation(0.2, 0.5) @ np.diag([1.2, 1.2, 1.0]), [10.5, -20.25, 33.0]),
+    "anisotropic": _affine(np.diag([0.9375, 0.9375, 3.0]), [-120.0, -110.0, -60.0]),
+}
+
+
+def write_nifti(path, data, affine, sform_code=1, qform_code=1, slope=None, inter=None):
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_data_dtype(data.dtype)
+    img.header.set_sform(affine, code=sform_code)
+    img.header.set_qform(affine, code=qform_code)
+    if slope is not None:
+        img.header.set_slope_inter(slope, inter)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, str(path))
+    return path
+
+
+def write_case(root, case_id, convention="2021", suffix=".nii.gz", affine=None, dtype=np.int16,
+               with_seg=True, skip=(), codes=(1, 1), slope=None, inter=None, seed=0):
+    """A tiny case with raw image values ``raw`` (returned) and labels of ``convention``."""
+    rng = np.random.default_rng(seed)
+    affine = AFFINES["lps"] if affine is None else affine
+    sep, names = NAMES[convention]
+    folder = root / case_id
+    raw = {}
+    for name in names:
+        if name in skip:
+            continue
+        data = rng.integers(1, 500, SHAPE).astype(dtype)
+        data[:2] = 0  # background
+        raw[name] = data
+        write_nifti(folder / f"{case_id}{sep}{name}{suffix}", data, affine, *codes, slope=slope, inter=inter)
+    if with_seg:
+        seg = np.zeros(SHAPE, dtype=np.uint8)
+        seg[4:6, 3:5, 2:4] = 1
+        seg[6:8, 3:5, 2:4] = 2
+        seg[8:10, 3:5, 2:4] = 4 if convention == "2021" else 3
+        write_nifti(folder / f"{case_id}{sep}seg{suffix}", seg, affine, *codes)
+    return folder, raw
+
+
+# ----------------------------------------------------------------------------------------------
+# Discovery
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_discovers_both_conventions(tmp_path, suffix):
+    write_case(tmp_path, "BraTS2021_00001", "2021", suffix)
+    write_case(tmp_path, "BraTS-GLI-00002-000", "2023", suffix)
+    write_case(tmp_path, "BraTS-MEN-00003-001", "2023", suffix, with_seg=False)
+    (tmp_path / "notes").mkdir()  # folders without case files are ignored
+    cases = discover_cases(tmp_path)
+    assert [c.case_id for c in cases] == ["BraTS-GLI-00002-000", "BraTS-MEN-00003-001", "BraTS2021_00001"]
+    for case in cases:
+        assert sorted(case.images) == sorted(MODALITIES)
+        assert all(p.name.endswith(suffix) for p in case.images.values())
+    assert cases[0].images["flair"].name == f"BraTS-GLI-00002-000-t2f{suffix}"
+    assert cases[2].images["t1ce"].name == f"BraTS2021_00001_t1ce{suffix}"
+    assert cases[0].seg.name == f"BraTS-GLI-00002-000-seg{suffix}"
+    assert cases[1].seg is None
+
+
+def test_root_may_be_a_single_case_folder(tmp_path):
+    folder, _ = write_case(tmp_path, "BraTS2021_00007")
+    cases = discover_cases(folder)
+    assert len(cases) == 1 and cases[0].case_id == "BraTS2021_00007"
+
+
+def test_empty_root_raises_naming_folder(tmp_path):
+    with pytest.raises(UserError, match="no BraTS cases found") as err:
+        discover_cases(tmp_path)
+    assert str(tmp_path) in str(err.value)
+
+
+def test_missing_root_raises(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        discover_cases(tmp_path / "nope")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading and writing back
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("affine_name", list(AFFINES))
+@pytest.mark.parametrize("codes", [(1, 1), (2, 0), (0, 1), (4, 2)])
+def test_segmentation_round_trip_keeps_geometry(tmp_path, affine_name, codes):
+    affine = AFFINES[affine_name]
+    write_case(tmp_path, "BraTS2021_00001", affine=affine, codes=codes)
+    case = discover_cases(tmp_path)[0]
+    images, seg, geometry = read_case(case, MODALITIES)
+    assert images.shape == (4,) + SHAPE and images.dtype == np.float32
+    assert seg.dtype == np.uint8 and sorted(np.unique(seg)) == [0, 1, 2, 4]
+    out = write_segmentation(seg, geometry, tmp_path / "pred" / "BraTS2021_00001.nii.gz")
+    ref, img = nib.load(str(case.images["t1"])), nib.load(str(out))
+    assert img.shape == SHAPE
+    assert img.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(img.affine, ref.affine, atol=1e-5)
+    assert int(img.header["sform_code"]) == codes[0] == int(ref.header["sform_code"])
+    assert int(img.header["qform_code"]) == codes[1] == int(ref.header["qform_code"])
+    np.testing.assert_array_equal(np.asanyarray(img.dataobj), seg)
+    np.testing.assert_allclose(img.header.get_zooms(), ref.header.get_zooms(), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,slope,inter", [(np.int16, 2.0, 10.0), (np.int16, 0.5, -3.0), (np.float32, None, None)])
+def test_read_applies_scaling(tmp_path, dtype, slope, inter):
+    _, raw = write_case(tmp_path, "BraTS2021_00001", dtype=dtype, slope=slope, inter=inter)
+    images, _, _ = read_case(discover_cases(tmp_path)[0], ["flair", "t1"])
+    expected = [raw["flair"].astype(np.float64), raw["t1"].astype(np.float64)]
+    if slope is not None:
+        expected = [e * slope + inter for e in expected]
+    np.testing.assert_allclose(images, np.stack(expected), rtol=1e-6)
+
+
+def test_modality_order_and_aliases(tmp_path):
+    _, raw = write_case(tmp_path, "BraTS-GLI-00001-000", "2023", dtype=np.float32)
+    case = discover_cases(tmp_path)[0]
+    images, _, _ = read_case(case, ["t2f", "t1ce"])  # aliases of flair, t1c
+    np.testing.assert_array_equal(images[0], raw["t2f"])
+    np.testing.assert_array_equal(images[1], raw["t1c"])
+
+
+def test_cropped_prediction_written_in_full_geometry(tmp_path):
+    write_case(tmp_path, "BraTS2021_00001", affine=AFFINES["oblique"])
+    case = discover_cases(tmp_path)[0]
+    images, seg, geometry = read_case(case, MODALITIES)
+    _, classes, geometry = preprocess_case(images, seg, geometry, "2021")
+    assert geometry.crop_box == ((2, 12), (0, 10), (0, 8))
+    out = write_segmentation(classes, geometry, tmp_path / "pred.nii.gz")  # class 3 written as-is
+    data = np.asanyarray(nib.load(str(out)).dataobj)
+    assert data.shape == SHAPE
+    assert (data[:2] == 0).all()
+    assert (data[8:10, 3:5, 2:4] == 3).all()
+
+
+def test_probabilities_round_trip(tmp_path):
+    write_case(tmp_path, "BraTS2021_00001", affine=AFFINES["anisotropic"])
+    _, _, geometry = read_case(discover_cases(tmp_path)[0], MODALITIES)
+    probs = np.random.default_rng(1).random((3,) + SHAPE).astype(np.float32)
+    img = nib.load(str(write_probabilities(probs, geometry, tmp_path / "probs.nii.gz")))
+    assert img.shape == SHAPE + (3,)
+    np.testing.assert_allclose(img.affine, AFFINES["anisotropic"], atol=1e-5)
+    np.testing.assert_allclose(np.moveaxis(img.get_fdata(), -1, 0), probs, atol=0.5 / 255 + 1e-6)
+
+
+def test_geometry_json_round_trip():
+    geometry = Geometry(affine=AFFINES["oblique"], header=None, shape=SHAPE, label_dtype="int16",
+                        crop_box=((1, 11), (0, 10), (2, 8)), convention="2023", source="x.nii.gz")
+    back = Geometry.from_json(geometry.to_json())
+    np.testing.assert_array_equal(back.affine, geometry.affine)
+    assert (back.shape, back.crop_box, back.convention, back.label_dtype) == (SHAPE, geometry.crop_box, "2023", "int16")
+    assert back.cropped_shape == (10, 10, 6)
+    np.testing.assert_allclose(back.spacing, (1.2, 1.2, 1.0))
+
+
+def test_uncrop_rejects_wrong_shape():
+    geometry = Geometry(affine=np.eye(4), header=None, shape=SHAPE, crop_box=((1, 11), (0, 10), (2, 8)))
+    assert uncrop(np.ones((10, 10, 6)), geometry).sum() == 600
+    with pytest.raises(ValueError, match="matches neither"):
+        uncrop(np.ones((9, 10, 6)), geometry)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad inputs: one error each, naming the file
+# ----------------------------------------------------------------------------------------------
+def test_missing_modality(tmp_path):
+    folder, _ = write_case(tmp_path, "BraTS2021_00001", skip=("flair",))
+    with pytest.raises(CaseError, match="has no 'flair' image") as err:
+        read_case(discover_cases(tmp_path)[0], MODALITIES)
+    assert str(folder) in str(err.value)
+
+
+def test_different_shapes(tmp_path):
+    folder, _ = write_case(tmp_path, "BraTS2021_00001")
+    bad = folder / "BraTS2021_00001_t2.nii.gz"
+    write_nifti(bad, np.ones((12, 10, 9), np.int16), AFFINES["lps"])
+    with pytest.raises(CaseError, match="shape") as err:
+        read_case(discover_cases(tmp_path)[0], MODALITIES)
+    assert str(bad) in str(err.value)
+
+
+def test_different_affines(tmp_path):
+    folder, _ = write_case(tmp_path, "BraTS2021_00001")
+    bad = folder / "BraTS2021_00001_flair.nii.gz"
+    write_nifti(bad, np.ones(SHAPE, np.int16), AFFINES["ras"])
+    with pytest.raises(CaseError, match="affine differs") as err:
+        read_case(discover_cases(tmp_path)[0], MODALITIES)
+    assert str(bad) in str(err.value)
+
+
+def test_seg_on_another_grid(tmp_path):
+    folder, _ = write_case(tmp_path, "BraTS2021_00001")
+    bad = folder / "BraTS2021_00001_seg.nii.gz"
+    write_nifti(bad, np.zeros((12, 10, 7), np.uint8), AFFINES["lps"])
+    with pytest.raises(CaseError, match="shape") as err:
+        read_case(discover_cases(tmp_path)[0], MODALITIES)
+    assert str(bad) in str(err.value)
+
+
+def test_truncated_gzip(tmp_path):
+    folder, _ = write_case(tmp_path, "BraTS2021_00001")
+    bad = folder / "BraTS2021_00001_t1ce.nii.gz"
+    content = bad.read_bytes()
+    bad.write_bytes(content[: len(content) // 2])
+    with pytest.raises(CaseError, match="cannot read") as err:
+        read_case(discover_cases(tmp_path)[0], MODALITIES)
+    assert str(bad) in str(err.value)
+
+
+def test_corrupt_file(tmp_path):
+    folder, _ = write_case(tmp_path, "BraTS2021_00001")
+    bad = folder / "BraTS2021_00001_t1.nii.gz"
+    bad.write_bytes(gzip.compress(b"this is not a nifti file" * 20))
+    with pytest.raises(CaseError, match="cannot read NIfTI") as err:
+        read_case(discover_cases(tmp_path)[0], MODALITIES)
+    assert str(bad) in str(err.value)
+
+
+def test_nan_voxels(tmp_path):
+    folder, _ = write_case(tmp_path, "BraTS2021_00001", dtype=np.float32)
+    bad = folder / "BraTS2021_00001_t2.nii.gz"
+    data = np.ones(SHAPE, np.float32)
+    data[3, 3, 3] = np.nan
+    data[4, 4, 4] = np.inf
+    write_nifti(bad, data, AFFINES["lps"])
+    with pytest.raises(CaseError, match="2 voxels are NaN or infinite") as err:
+        read_case(discover_cases(tmp_path)[0], MODALITIES)
+    assert str(bad) in str(err.value)
+
+
+def test_4d_file(tmp_path):
+    folder, _ = write_case(tmp_path, "BraTS2021_00001")
+    bad = folder / "BraTS2021_00001_flair.nii.gz"
+    write_nifti(bad, np.ones(SHAPE + (2,), np.int16), AFFINES["lps"])
+    with pytest.raises(CaseError, match="expected a 3D volume") as err:
+        read_case(discover_cases(tmp_path)[0], MODALITIES)
+    assert str(bad) in str(err.value)
+
+
+def test_4d_file_with_one_volume_is_accepted(tmp_path):
+    folder, raw = write_case(tmp_path, "BraTS2021_00001")
+    write_nifti(folder / "BraTS2021_00001_flair.nii.gz", raw["flair"][..., None], AFFINES["lps"])
+    images, _, _ = read_case(discover_cases(tmp_path)[0], MODALITIES)
+    np.testing.assert_array_equal(images[3], raw["flair"])
+
+
+def test_non_integer_labels(tmp_path):
+    folder, _ = write_case(tmp_path, "BraTS2021_00001")
+    bad = folder / "BraTS2021_00001_seg.nii.gz"
+    write_nifti(bad, np.full(SHAPE, 1.5, np.float32), AFFINES["lps"])
+    with pytest.raises(CaseError, match="non-integer") as err:
+        read_case(discover_cases(tmp_path)[0], MODALITIES)
+    assert str(bad) in str(err.value)
