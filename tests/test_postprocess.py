@@ -1,0 +1,98 @@
+"""Post-processing: small-component removal on nested regions, ET -> NCR below a volume."""
+import numpy as np
+import pytest
+
+from engine.config import InferConfig
+from engine.postprocess import postprocess, postprocess_classes, remove_small_components
+
+BG, NCR, ED, ET = 0, 1, 2, 3
+
+
+def blob(shape, box, value, out=None):
+    out = np.zeros(shape, np.uint8) if out is None else out
+    out[tuple(slice(a, b) for a, b in box)] = value
+    return out
+
+
+def test_remove_small_components_uses_26_connectivity():
+    mask = np.zeros((6, 6, 6), bool)
+    mask[0, 0, 0] = mask[1, 1, 1] = True     # corner-touching: one 26-connected component of 2
+    mask[4, 4, 4] = True                     # isolated single voxel
+    kept = remove_small_components(mask, 2)
+    assert kept[0, 0, 0] and kept[1, 1, 1] and not kept[4, 4, 4]
+    assert not remove_small_components(mask, 3).any()
+    assert np.array_equal(remove_small_components(mask, 0), mask)
+    assert np.array_equal(remove_small_components(mask, 1), mask)
+    with pytest.raises(ValueError):
+        remove_small_components(mask, -1)
+
+
+def test_defaults_are_off():
+    rng = np.random.default_rng(0)
+    classes = rng.integers(0, 4, size=(8, 8, 8)).astype(np.uint8)
+    out = postprocess(classes, InferConfig())
+    assert np.array_equal(out, classes) and out is not classes
+
+
+def test_small_wt_component_removed_with_everything_inside():
+    shape = (20, 20, 20)
+    classes = blob(shape, [(2, 8), (2, 8), (2, 8)], ED)            # big tumour: 216 voxels
+    blob(shape, [(4, 6), (4, 6), (4, 6)], ET, classes)             # ET inside it
+    blob(shape, [(14, 16), (14, 16), (14, 16)], ED, classes)       # small tumour: 8 voxels
+    blob(shape, [(14, 15), (14, 15), (14, 15)], ET, classes)       # with ET inside
+    out = postprocess_classes(classes, [10, 0, 0])
+    assert (out[14:16, 14:16, 14:16] == BG).all()
+    assert np.array_equal(out[:10, :10, :10], classes[:10, :10, :10])
+
+
+def test_small_tc_component_becomes_edema_and_small_et_becomes_ncr():
+    shape = (20, 20, 20)
+    classes = blob(shape, [(1, 19), (1, 19), (1, 19)], ED)
+    blob(shape, [(2, 8), (2, 8), (2, 8)], NCR, classes)            # big core (216)
+    blob(shape, [(3, 7), (3, 7), (3, 7)], ET, classes)             # big ET (64) inside it
+    blob(shape, [(12, 14), (12, 14), (12, 14)], NCR, classes)      # small core (8 voxels, 1 ET)
+    classes[12, 12, 12] = ET
+    blob(shape, [(16, 18), (2, 5), (2, 5)], NCR, classes)          # core of 18 with ET of 4
+    blob(shape, [(16, 18), (2, 3), (2, 4)], ET, classes)
+    out = postprocess_classes(classes, [0, 9, 5])
+    assert (out[12:14, 12:14, 12:14] == ED).all()                 # TC (8 < 9) removed -> ED, its ET too
+    assert (out[16:18, 2:3, 2:4] == NCR).all()                    # ET (4 < 5) removed -> NCR
+    assert (out[16:18, 2:5, 2:5] == NCR).all()
+    assert np.array_equal(out[:10, :10, :10], classes[:10, :10, :10])
+    assert out[0, 0, 0] == BG and out[18, 18, 18] == ED
+    # regions stay nested: every ET voxel is in TC, every TC voxel in WT
+    assert set(np.unique(out)) <= {BG, NCR, ED, ET}
+
+
+@pytest.mark.parametrize("et_voxels, threshold, expected_et", [
+    (5, 6, 0),      # below the threshold: all ET -> NCR
+    (6, 6, 6),      # at the threshold: kept
+    (5, 0, 5),      # rule off
+    (0, 6, 0),      # no ET at all: nothing to do
+])
+def test_et_min_volume(et_voxels, threshold, expected_et):
+    classes = blob((10, 10, 10), [(0, 5), (0, 5), (0, 5)], NCR)   # 125 tumour-core voxels
+    classes[tuple(np.argwhere(classes == NCR)[:et_voxels].T)] = ET
+    out = postprocess_classes(classes, et_min_volume=threshold)
+    assert (out == ET).sum() == expected_et
+    assert (out == NCR).sum() == 125 - expected_et
+    assert (out == ED).sum() == 0
+
+
+def test_et_rule_applies_after_component_removal():
+    shape = (12, 12, 12)
+    classes = blob(shape, [(0, 6), (0, 6), (0, 6)], NCR)
+    blob(shape, [(0, 3), (0, 3), (0, 3)], ET, classes)   # 27 ET voxels
+    classes[5, 5, 5] = ET                                 # plus an isolated one
+    out = postprocess_classes(classes, [0, 0, 2], et_min_volume=28)
+    assert (out == ET).sum() == 0                         # 28 -> 27 after removal -> below 28 -> NCR
+    assert (out == NCR).sum() == 216
+
+
+@pytest.mark.parametrize("kwargs", [dict(min_component_size=[1, 2]), dict(min_component_size=[0, -1, 0]),
+                                    dict(et_min_volume=-5)])
+def test_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        postprocess_classes(np.zeros((4, 4, 4), np.uint8), **kwargs)
+    with pytest.raises(ValueError):
+        postprocess_classes(np.zeros((4, 4), np.uint8))
