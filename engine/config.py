@@ -68,6 +68,7 @@ class AugmentConfig:
     intensity_shift_range: float = 0.1  # max absolute offset
     gamma_prob: float = 0.3  # probability of a gamma transform
     gamma_range: list[float] = field(default_factory=lambda: [0.7, 1.5])  # gamma range
+    gamma_retain_stats: bool = True  # restore each channel's mean and std after gamma (nnU-Net)
     noise_prob: float = 0.1  # probability of additive Gaussian noise
     noise_std: float = 0.1  # max noise standard deviation
     blur_prob: float = 0.1  # probability of Gaussian blur
@@ -77,9 +78,9 @@ class AugmentConfig:
 @dataclass
 class UNet3DConfig:
     features: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 320, 320])  # channels per encoder stage
-    strides: list[int] = field(default_factory=lambda: [1, 2, 2, 2, 2, 2])  # downsampling stride entering each stage
-    blocks_per_stage: list[int] = field(default_factory=lambda: [1, 1, 1, 1, 1, 1])  # conv blocks per encoder stage
-    decoder_blocks: int = 1  # conv blocks per decoder stage
+    strides: list[int] = field(default_factory=lambda: [1, 2, 2, 2, 2, 2])  # downsampling stride entering each stage (first = 1); patch sizes must be multiples of their product
+    blocks_per_stage: list[int] = field(default_factory=lambda: [1, 1, 1, 1, 1, 1])  # blocks (two 3x3x3 convs each) per encoder stage
+    decoder_blocks: int = 1  # blocks (two 3x3x3 convs each) per decoder stage
     residual: bool = False  # residual encoder blocks (nnU-Net ResEnc)
     deep_supervision: bool = True  # auxiliary outputs at decoder stages during training
 
@@ -89,8 +90,8 @@ class SwinUNETRConfig:
     feature_size: int = 48  # channels after patch embedding (multiple of 12)
     depths: list[int] = field(default_factory=lambda: [2, 2, 2, 2])  # Swin blocks per stage
     num_heads: list[int] = field(default_factory=lambda: [3, 6, 12, 24])  # attention heads per stage
-    window_size: int = 7  # attention window edge, tokens
-    patch_size: int = 2  # patch embedding edge, voxels
+    window_size: int = 7  # attention window edge, tokens (clipped to smaller feature maps, larger ones padded)
+    patch_size: int = 2  # patch embedding edge, voxels; data.patch_size must be a multiple of patch_size * 2**len(depths)
     drop_path: float = 0.0  # stochastic depth rate
     deep_supervision: bool = False  # auxiliary outputs at decoder stages during training
 
@@ -135,12 +136,13 @@ class TrainConfig:
     skip_nonfinite: bool = False  # skip steps with a non-finite loss instead of stopping
     time_limit: float = 0.0  # minutes; stop cleanly after this (0 = no limit)
     log_every: int = 10  # iterations between TensorBoard scalar writes
+    cpu_threads: int = 0  # intra-op threads when training on the CPU (0 = torch default, one per core)
 
 
 @dataclass
 class InferConfig:
     overlap: float = 0.5  # sliding-window overlap fraction in [0, 1)
-    sw_batch_size: int = 4  # windows per forward pass
+    sw_batch_size: int = 4  # windows per forward pass (x8 inputs with tta: each window's 8 flips share the pass)
     tta: bool = False  # mirror test-time augmentation over all 8 axis flips
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast dtype on CUDA
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -148,11 +150,14 @@ class InferConfig:
     region_threshold: float = 0.5  # sigmoid threshold for region outputs
     min_component_size: list[int] = field(default_factory=lambda: [0, 0, 0])  # drop components smaller than this per region (WT, TC, ET); 0 = off
     et_min_volume: int = 0  # relabel all ET as NCR when the ET volume is below this (voxels); 0 = off
+    output_convention: Literal["auto", "2021", "2023"] = "auto"  # labels written (ET=4 / ET=3); auto = the input's (its seg values, else its file names), else the checkpoint's
 
 
 @dataclass
 class MetricsConfig:
     convention: Literal["legacy", "lesionwise"] = "legacy"  # empty-mask and lesion rules (metrics/)
+    lesion_dilation: int = 3  # lesionwise: reference dilation iterations merging nearby pieces (gliomas 3; MEN, MET 1)
+    lesion_min_volume: float = 50.0  # lesionwise: reference lesions <= this volume (mm^3) are not scored (MET: 2)
 
 
 @dataclass
@@ -183,10 +188,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
-    for item in overrides:
-        key, value = parse_override(item)
-        _set_dotted(raw, key, value)
-    cfg = from_dict(raw)
+    cfg = from_dict(apply_overrides(raw, overrides))
     if not cfg.out_dir and path is not None:
         cfg.out_dir = str(Path("runs") / path.stem)
     return cfg
@@ -202,6 +204,14 @@ def parse_override(item: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         raise ConfigError(f"override {item!r}: value is not valid YAML") from None
     return key.strip(), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each dotted ``key=value`` of ``overrides`` in the nested dict ``raw`` (in place)."""
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+    return raw
 
 
 def from_dict(raw: dict[str, Any]) -> Config:

@@ -1,0 +1,122 @@
+"""Multi-process training with ``torchrun``: setup from the environment, rank helpers, cleanup.
+
+``torchrun --nproc_per_node=N train.py ...`` starts N processes and sets ``RANK``,
+``WORLD_SIZE`` and ``LOCAL_RANK``; a plain ``python train.py`` has none of them and runs as a
+single process (rank 0 of 1). Every helper below is a no-op in a single process.
+
+    dist_info = setup("auto")           # DistInfo(rank, local_rank, world_size, device)
+    if dist_info.is_main: ...           # logging, validation summary, checkpoints
+    barrier(); cleanup()
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from engine.errors import UserError
+
+# Generous: rank 0 alone builds the data cache and writes checkpoints while the others wait.
+TIMEOUT = datetime.timedelta(minutes=120)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: ``rank`` of ``world_size``, ``local_rank`` on its node, ``device``."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``"auto"`` -> ``cuda:<local_rank>`` if CUDA is available else ``cpu``; ``"cuda"`` -> ``cuda:<local_rank>``.
+
+    ``UserError`` for a CUDA device that is not available or an unknown name.
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"train.device: unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"train.device: {name!r} requested but CUDA is not available")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise UserError(f"train.device: {device} does not exist ({torch.cuda.device_count()} GPUs)")
+    elif device.type != "cpu":
+        raise UserError(f"train.device: unsupported device {name!r} (use auto, cpu, cuda or cuda:N)")
+    return device
+
+
+def setup(device_name: str = "auto") -> DistInfo:
+    """Read ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; with ``WORLD_SIZE > 1`` join the process group
+    (NCCL on CUDA, gloo on CPU). Each process gets its own GPU (``cuda:LOCAL_RANK``)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend=backend, timeout=TIMEOUT, **kwargs)
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a single process)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over ranks (a copy; the input is left alone)."""
+    out = values.detach().clone()
+    if dist.is_initialized():
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (picklable objects)."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

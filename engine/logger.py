@@ -1,0 +1,179 @@
+"""Run logging: TensorBoard scalars and images, ``metrics.jsonl``, and a progress bar.
+
+    log = RunLogger("runs/demo")                  # main process only
+    log.scalars({"train/loss": 0.7, "train/lr": 1e-2}, step=120)
+    log.validation({"epoch": 3, "dice": {...}}, step=750)   # one JSON line + TensorBoard
+    log.image("val/panel", validation_panel(...), step=750)
+    bar = Progress(total=250, desc="epoch 3")     # tqdm on a terminal, plain lines otherwise
+    bar.update(loss=0.71, patches_per_s=9.5); bar.close()
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+
+# RGB of the training classes 1 NCR, 2 ED, 3 ET in the overlays (red, green, yellow)
+CLASS_COLORS = np.array([[0, 0, 0], [1.0, 0.15, 0.1], [0.1, 0.85, 0.2], [1.0, 0.9, 0.1]], dtype=np.float32)
+
+
+class RunLogger:
+    """TensorBoard event files and ``metrics.jsonl`` (one JSON object per validation) in ``out_dir``."""
+
+    def __init__(self, out_dir: str | Path, purge_step: int | None = None):
+        """``purge_step``: on resume, TensorBoard hides events at or after this step left by the
+        interrupted run."""
+        from torch.utils.tensorboard import SummaryWriter  # imported here: slow, main process only
+
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.writer = SummaryWriter(log_dir=str(self.out_dir), purge_step=purge_step)
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        """Write each finite ``tag -> value`` at ``step``."""
+        for tag, value in values.items():
+            if value is not None and math.isfinite(float(value)):
+                self.writer.add_scalar(tag, float(value), step)
+
+    def validation(self, record: dict[str, Any], scalars: dict[str, float], step: int) -> None:
+        """Append ``record`` as one line of ``metrics.jsonl`` and write ``scalars`` to TensorBoard."""
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record, default=_json_default) + "\n")
+        self.scalars(scalars, step)
+        self.writer.flush()
+
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        """``image (3, H, W)`` float in ``[0, 1]``."""
+        self.writer.add_image(tag, image, step, dataformats="CHW")
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+class Progress:
+    """Per-epoch progress: a tqdm bar on a terminal, else a plain line every ~10% of ``total``.
+
+    ``update(**stats)`` advances by one iteration and shows ``stats`` (e.g. loss, patches/s).
+    ``enabled=False`` (non-main ranks) makes every call a no-op.
+    """
+
+    def __init__(self, total: int, desc: str, initial: int = 0, enabled: bool = True,
+                 stream: TextIO | None = None):
+        if total < 1:
+            raise ValueError(f"total must be >= 1, got {total}")
+        self.total, self.desc, self.count, self.enabled = total, desc, initial, enabled
+        self.stream = stream or sys.stdout
+        self.every = max(1, math.ceil(total / 10))
+        self.bar = None
+        if enabled and _isatty(self.stream):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, file=self.stream,
+                            dynamic_ncols=True, leave=False)
+
+    def update(self, **stats: float) -> None:
+        if not self.enabled:
+            return
+        self.count += 1
+        text = {k: _fmt(v) for k, v in stats.items()}
+        if self.bar is not None:
+            self.bar.set_postfix(text, refresh=False)
+            self.bar.update(1)
+        elif self.count % self.every == 0 or self.count == self.total:
+            stats_text = " ".join(f"{k} {v}" for k, v in text.items())
+            width = len(str(self.total))
+            self.stream.write(f"{self.desc} [{self.count:>{width}}/{self.total}] {stats_text}\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _fmt(value: float) -> str:
+    return f"{float(value):.4g}"
+
+
+class Stopwatch:
+    """Seconds since start; ``lap()`` returns seconds since the previous lap."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        seconds, self.last = now - self.last, now
+        return seconds
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation image panel
+# ----------------------------------------------------------------------------------------------
+def validation_panel(images: np.ndarray, reference: np.ndarray, prediction: np.ndarray,
+                     channels: tuple[int, int], alpha: float = 0.5) -> np.ndarray:
+    """Axial slice with the most reference tumour: a 2x2 grid, RGB ``(3, 2*Y, 2*X)`` in ``[0, 1]``.
+
+    Rows: ``images[channels[0]]`` (FLAIR) then ``images[channels[1]]`` (T1ce); columns: ground
+    truth overlay, prediction overlay. ``images (C, X, Y, Z)``, ``reference``/``prediction``
+    classes ``(X, Y, Z)`` (0 bg, 1 NCR red, 2 ED green, 3 ET yellow). Slices are shown with the
+    first array axis horizontal.
+    """
+    images, reference, prediction = (np.asarray(a) for a in (images, reference, prediction))
+    if images.ndim != 4 or reference.shape != images.shape[1:] or prediction.shape != reference.shape:
+        raise ValueError(f"expected images (C, X, Y, Z) and classes (X, Y, Z), got {images.shape}, "
+                         f"{reference.shape}, {prediction.shape}")
+    tumour_per_slice = (reference > 0).sum(axis=(0, 1))
+    z = int(tumour_per_slice.argmax()) if tumour_per_slice.any() else reference.shape[2] // 2
+    rows = []
+    for channel in channels:
+        gray = _normalize(images[channel, :, :, z])
+        rows.append(np.concatenate([_overlay(gray, reference[:, :, z], alpha),
+                                    _overlay(gray, prediction[:, :, z], alpha)], axis=2))
+    return np.concatenate(rows, axis=1)
+
+
+def _normalize(slice_2d: np.ndarray) -> np.ndarray:
+    """Intensities -> ``[0, 1]`` between the 0.5 and 99.5 percentiles of the nonzero voxels."""
+    values = slice_2d[slice_2d != 0]
+    if values.size == 0:
+        return np.zeros_like(slice_2d, dtype=np.float32)
+    lo, hi = np.percentile(values, [0.5, 99.5])
+    return np.clip((slice_2d - lo) / max(hi - lo, 1e-6), 0, 1).astype(np.float32)
+
+
+def _overlay(gray: np.ndarray, classes: np.ndarray, alpha: float) -> np.ndarray:
+    """Gray ``(X, Y)`` + classes ``(X, Y)`` -> RGB ``(3, Y, X)`` (image rows = second axis)."""
+    rgb = np.repeat(gray[None], 3, axis=0)
+    color = CLASS_COLORS[np.clip(classes.astype(np.intp), 0, 3)].transpose(2, 0, 1)
+    mask = classes > 0
+    rgb[:, mask] = (1 - alpha) * rgb[:, mask] + alpha * color[:, mask]
+    return rgb.transpose(0, 2, 1)

@@ -1,0 +1,333 @@
+"""train.py end to end on tiny synthetic data (CPU): outputs, TensorBoard, exact resume, time
+limit, non-finite loss, atomic checkpoints, 2-process DDP (gloo) and bad inputs."""
+import contextlib
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import train
+from engine.checkpoint import load_checkpoint
+from engine.errors import run_cli
+from engine.optim import lr_factor
+
+ROOT = Path(__file__).resolve().parents[1]
+EPOCHS, ITERS, LR = 2, 3, 0.01
+
+
+def tiny_config(tmp: Path) -> dict:
+    return {
+        "data": {"root": str(tmp / "data"), "cache_dir": str(tmp / "cache"), "patch_size": [16, 16, 16],
+                 "batch_size": 2, "num_workers": 0, "folds": 3, "cache_workers": 1,
+                 "synthetic_cases": 5, "synthetic_shape": [32, 32, 24]},
+        "model": {"name": "unet3d", "unet3d": {"features": [4, 8, 16], "strides": [1, 2, 2],
+                                              "blocks_per_stage": [1, 1, 1], "deep_supervision": True}},
+        "train": {"epochs": EPOCHS, "iters_per_epoch": ITERS, "lr": LR, "precision": "fp32", "device": "cpu",
+                  "log_every": 1, "val_every": 1, "warmup_epochs": 0},
+        "infer": {"sw_batch_size": 2},
+    }
+
+
+def run(argv: list[str]) -> tuple[int, str, str]:
+    """``python train.py ARGV`` in this process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run_cli(train.main, argv)
+        except SystemExit as exc:
+            code = exc.code
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: these networks are tiny, and two threads spin-wait badly when other
+    processes share the two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, one_thread):
+    """A config file and the output of an uninterrupted 2-epoch run (which generates the data)."""
+    tmp = tmp_path_factory.mktemp("train")
+    config = tmp / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tmp)))
+    code, out, err = run(["-c", str(config), f"out_dir={tmp / 'run_a'}"])
+    assert code == 0, err
+    return {"tmp": tmp, "config": config, "run_a": tmp / "run_a", "stdout": out}
+
+
+def args(base, out_dir, *overrides):
+    return ["-c", str(base["config"]), f"out_dir={out_dir}", *overrides]
+
+
+def test_end_to_end_outputs(base):
+    run_a, out = base["run_a"], base["stdout"]
+    assert "generating 5 synthetic cases" in out
+    assert "effective batch 2" in out
+    assert f"epoch 1/{EPOCHS} [{ITERS}/{ITERS}] loss" in out  # progress as plain lines off a terminal
+    assert "final validation Dice: WT" in out
+    assert f"python infer.py --checkpoint {run_a / 'best.pt'}" in out
+    for name in ("config.yaml", "split.json", "last.pt", "best.pt", "metrics.jsonl"):
+        assert (run_a / name).is_file(), name
+    assert yaml.safe_load((run_a / "config.yaml").read_text())["train"]["epochs"] == EPOCHS
+    split = json.loads((run_a / "split.json").read_text())
+    assert len(split["train"]) + len(split["val"]) == 5 and not set(split["train"]) & set(split["val"])
+
+    lines = [json.loads(line) for line in (run_a / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    assert [r["iteration"] for r in lines] == [ITERS, 2 * ITERS]
+    assert all(0.0 <= r["val"][region]["dice"] <= 1.0 for r in lines for region in ("WT", "TC", "ET"))
+
+    state = load_checkpoint(run_a / "last.pt")
+    assert state["epoch"] == EPOCHS and state["iteration"] == EPOCHS * ITERS and state["epoch_iteration"] == 0
+    assert state["convention"] == "2021" and state["modalities"] == ["t1", "t1ce", "t2", "flair"]
+    assert state["config"]["train"]["epochs"] == EPOCHS
+    assert {"optimizer", "scheduler", "scaler", "rng", "best"} <= set(state)
+    best = load_checkpoint(run_a / "best.pt")
+    assert best["best"]["dice"] == max(r["mean_dice"] for r in lines)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_a))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/patches_per_s", "val/dice_WT", "val/dice_TC", "val/dice_ET",
+            "val/dice_mean"} <= scalars
+    assert "val/panel" in events.Tags()["images"]
+    lrs = {e.step: e.value for e in events.Scalars("train/lr")}
+    assert sorted(lrs) == list(range(1, EPOCHS * ITERS + 1))  # log_every = 1
+    for step, value in lrs.items():  # the LR of iteration i (0-based) is logged at step i + 1
+        assert value == pytest.approx(LR * lr_factor(step - 1, EPOCHS * ITERS, 0, "poly"), rel=1e-6)
+
+
+def test_time_limit_then_resume_matches_uninterrupted_run(base):
+    run_b = base["tmp"] / "run_b"
+    # a tiny time limit stops after the first iteration: validate, save, exit 0
+    code, out, err = run(args(base, run_b, "train.time_limit=1e-9"))
+    assert code == 0, err
+    assert "time_limit" in out and "--resume" in out
+    stopped = load_checkpoint(run_b / "last.pt")
+    assert (stopped["epoch"], stopped["epoch_iteration"], stopped["iteration"]) == (0, 1, 1)
+    assert len((run_b / "metrics.jsonl").read_text().splitlines()) == 1
+
+    # resume (checkpoint config + override): continues mid-epoch to the end
+    code, out, err = run(["--resume", str(run_b / "last.pt"), "train.time_limit=0"])
+    assert code == 0, err
+    assert "resumed at epoch 1, iteration 1" in out
+    a, b = load_checkpoint(base["run_a"] / "last.pt"), load_checkpoint(run_b / "last.pt")
+    assert (b["epoch"], b["iteration"]) == (a["epoch"], a["iteration"])
+    for name, tensor in a["model"].items():
+        assert torch.allclose(tensor, b["model"][name], rtol=1e-5, atol=1e-6), name
+    assert a["optimizer"]["param_groups"][0]["lr"] == pytest.approx(b["optimizer"]["param_groups"][0]["lr"])
+    epochs = [json.loads(line)["epoch"] for line in (run_b / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2]
+
+
+def test_resume_extends_finished_run(base):
+    run_c = base["tmp"] / "run_c"
+    shutil.copytree(base["run_a"], run_c)
+    code, out, _ = run(["--resume", str(run_c / "last.pt")])  # nothing left to do
+    assert code == 0 and "nothing to do" in out
+    code, out, err = run(["--resume", str(run_c / "last.pt"), "train.epochs=3"])
+    assert code == 0, err
+    state = load_checkpoint(run_c / "last.pt")
+    assert (state["epoch"], state["iteration"]) == (3, 3 * ITERS)
+    assert state["config"]["train"]["epochs"] == 3
+    lines = [json.loads(line) for line in (run_c / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3]
+    # the schedule continues from iteration 6 of the new 9-iteration schedule (no restart)
+    first_new = 2 * ITERS
+    assert lines[-1]["lr"] == pytest.approx(LR * lr_factor(3 * ITERS - 1, 3 * ITERS, 0, "poly"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_c))
+    events.Reload()
+    lrs = {e.step: e.value for e in events.Scalars("train/lr")}
+    assert lrs[first_new + 1] == pytest.approx(LR * lr_factor(first_new, 3 * ITERS, 0, "poly"), rel=1e-6)
+
+
+def test_interrupted_checkpoint_write_keeps_old_file(base, monkeypatch):
+    run_d = base["tmp"] / "run_d"
+    shutil.copytree(base["run_a"], run_d)
+    before = (run_d / "last.pt").read_bytes()
+    real_save = torch.save
+
+    def failing_save(obj, f, *a, **k):
+        real_save({"partial": torch.zeros(10)}, f)  # half a file reaches the disk, then the write dies
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="No space"):
+        train.main(["--resume", str(run_d / "last.pt"), "train.epochs=3"])
+    assert (run_d / "last.pt").read_bytes() == before
+    assert not [p.name for p in run_d.iterdir() if p.name.endswith(".tmp")]
+
+
+class NaNAfter(torch.nn.Module):
+    """A loss that returns NaN from its ``n``-th call on (the n-th training iteration)."""
+
+    def __init__(self, loss, n):
+        super().__init__()
+        self.loss, self.n, self.calls = loss, n, 0
+
+    def forward(self, outputs, target):
+        self.calls += 1
+        value = self.loss(outputs, target)
+        return value * float("nan") if self.calls >= self.n else value
+
+
+def test_nonfinite_loss_stops_without_saving_that_step(base, monkeypatch):
+    real_build = train.build_loss
+    monkeypatch.setattr(train, "build_loss", lambda cfg: NaNAfter(real_build(cfg), ITERS + 2))
+    out_dir = base["tmp"] / "run_nan"
+    code, out, err = run(args(base, out_dir))
+    assert code == 1
+    assert f"non-finite loss (nan) at iteration {ITERS + 2} (epoch 2)" in err
+    assert len(err.strip().splitlines()) == 1
+    state = load_checkpoint(out_dir / "last.pt")  # from the end of epoch 1, not from the bad step
+    assert (state["epoch"], state["iteration"]) == (1, ITERS)
+
+
+def test_nonfinite_loss_skipped_when_asked(base, monkeypatch):
+    real_build = train.build_loss
+    monkeypatch.setattr(train, "build_loss", lambda cfg: NaNAfter(real_build(cfg), 2 * ITERS))
+    out_dir = base["tmp"] / "run_skip"
+    # also covers augmentation on the training device and HD95 in validation
+    code, out, err = run(args(base, out_dir, "train.skip_nonfinite=true", "augment.device=train",
+                              "train.val_hd95=true"))
+    assert code == 0, err
+    state = load_checkpoint(out_dir / "last.pt")
+    assert state["skipped_steps"] == 1 and state["iteration"] == 2 * ITERS
+    assert "skipped 1 non-finite steps" in out
+    record = json.loads((out_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert all(record["val"][region]["hd95"] >= 0 for region in ("WT", "TC", "ET"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_gloo(base):
+    out_dir = base["tmp"] / "run_ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", str(ROOT / "train.py"), *args(base, out_dir, "train.epochs=1")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("effective batch 4 (2 x 2 processes)") == 1  # rank 0 alone prints
+    state = load_checkpoint(out_dir / "last.pt")
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    assert (state["epoch"], state["iteration"]) == (1, ITERS)
+    assert not any(k.startswith("module.") for k in state["model"])  # unwrapped from DDP
+    assert len((out_dir / "metrics.jsonl").read_text().splitlines()) == 1
+    assert (out_dir / "best.pt").is_file()
+    assert sorted(p.name for p in out_dir.glob("*.pt")) == ["best.pt", "last.pt"]
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} if folder.exists() else {}
+
+
+def test_bad_inputs_exit_2_with_one_line(base, tmp_path):
+    run_a = base["run_a"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint at all")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "last.pt").write_bytes(b"another run's checkpoint")
+    cases = [
+        (args(base, tmp_path / "o1", "trian.epochs=3"), "did you mean 'train'"),
+        (args(base, tmp_path / "o2", "train.optimizer=lamb"), "train.optimizer"),
+        (args(base, tmp_path / "o3", "train.epochs=0"), "train.epochs"),
+        (args(base, tmp_path / "o4", f"data.root={empty}", "data.synthetic_cases=0"), "no BraTS cases"),
+        (args(base, tmp_path / "o5", "data.patch_size=[64,64,64]"), "larger than every case"),
+        (args(base, run_a), "--resume"),  # a fresh run into a folder holding last.pt
+        (["--resume", str(run_a / "last.pt"), f"out_dir={other}"], "already exists"),  # another run's folder
+        (["--resume", str(tmp_path / "missing.pt")], "not found"),
+        (["--resume", str(corrupt)], "cannot read checkpoint"),
+        (["--resume", str(run_a / "last.pt"), "model.unet3d.features=[8,16,32]"], "model.unet3d.features"),
+        (args(base, run_a, "--resume", str(run_a / "last.pt"), "loss.name=region_dice_bce"), "loss.name"),
+    ]
+    before = _snapshot(run_a)
+    for argv, expected in cases:
+        code, out, err = run(argv)
+        assert code == 2, (argv, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], (argv, err)
+        assert "Traceback" not in err
+    assert _snapshot(run_a) == before
+    assert _snapshot(other) == {"last.pt": b"another run's checkpoint"}
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))
+
+
+# ----------------------------------------------------------------------------------------------
+# The helpers train.py is built from: devices/ranks, progress lines, the validation panel.
+# ----------------------------------------------------------------------------------------------
+def test_single_process_distributed_helpers(monkeypatch):
+    from engine import distributed as dist
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    info = dist.setup("cpu")
+    assert (info.rank, info.world_size, info.is_main, info.distributed) == (0, 1, True, False)
+    assert dist.is_main() and dist.all_gather_objects({"a": 1}) == [{"a": 1}]
+    assert dist.broadcast_object(3) == 3
+    assert torch.equal(dist.all_reduce_sum(torch.tensor([1.0, 2.0])), torch.tensor([1.0, 2.0]))
+    dist.barrier()
+    dist.cleanup()
+
+
+@pytest.mark.parametrize("name,match", [("meta", "unsupported device"), ("cuda:7", "CUDA|does not exist"),
+                                        ("tpu", "unknown device"), ("gpu0", "unknown device")])
+def test_resolve_device_rejects_bad_names(name, match):
+    from engine.distributed import resolve_device
+    from engine.errors import UserError
+    if name.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 GPUs")
+    with pytest.raises(UserError, match=match):
+        resolve_device(name)
+
+
+def test_progress_plain_lines_off_a_terminal():
+    from engine.logger import Progress
+    stream = io.StringIO()
+    bar = Progress(20, "epoch 1/3", initial=5, stream=stream)
+    for _ in range(15):
+        bar.update(loss=0.25, patches_per_s=12.5)
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "epoch 1/3 [ 6/20] loss 0.25 patches_per_s 12.5"  # every 2nd iteration (10 %)
+    assert lines[-1].startswith("epoch 1/3 [20/20]") and len(lines) == 8
+    silent = io.StringIO()
+    Progress(20, "x", enabled=False, stream=silent).update(loss=1.0)
+    assert silent.getvalue() == ""
+
+
+def test_validation_panel_layout():
+    import numpy as np
+    from engine.logger import CLASS_COLORS, validation_panel
+    images = np.zeros((4, 6, 5, 3), np.float32)
+    images[3] = 1.0  # FLAIR channel: uniform brain
+    ref = np.zeros((6, 5, 3), np.uint8)
+    ref[1, 2, 2] = 3  # one ET voxel in slice z = 2 (the most tumour)
+    pred = np.zeros_like(ref)
+    panel = validation_panel(images, ref, pred, channels=(3, 1))
+    assert panel.shape == (3, 2 * 5, 2 * 6) and panel.min() >= 0 and panel.max() <= 1
+    # top-left tile = FLAIR + ground truth, image row = second array axis, column = first
+    assert np.allclose(panel[:, 2, 1], 0.5 * 0 + 0.5 * CLASS_COLORS[3])  # FLAIR normalizes to 0 (constant)
+    assert np.allclose(panel[:, 2, 6 + 1], 0.0)  # top-right: prediction, nothing painted
+    with pytest.raises(ValueError):
+        validation_panel(images, ref[:, :, :2], pred, channels=(3, 1))

@@ -1,0 +1,528 @@
+"""Train a BraTS segmentation network from a YAML config.
+
+    python train.py -c configs/demo.yaml [key=value ...]        # e.g. train.epochs=5 data.root=/data/brats
+    python train.py --resume runs/demo/last.pt [key=value ...]  # continue exactly (e.g. train.epochs=60 to extend)
+    torchrun --nproc_per_node=4 train.py -c configs/unet3d.yaml # one process per GPU (DDP)
+
+Everything a run writes goes into ``cfg.out_dir`` (default ``runs/<config name>``): the resolved
+``config.yaml``, ``split.json``, ``last.pt`` (every epoch), ``best.pt`` (best mean validation
+Dice of WT/TC/ET), ``metrics.jsonl`` (one line per validation) and TensorBoard event files.
+
+One epoch = ``train.iters_per_epoch`` optimizer steps on random patches; validation every
+``train.val_every`` epochs (and after the last one) runs the same sliding-window inference as
+``infer.py`` on whole validation cases. The learning rate is a function of the iteration, so
+``--resume`` continues the schedule, epoch counter, best score and data stream exactly. On resume
+the checkpoint's config is the base (``-c`` replaces it) and the run writes to the checkpoint's
+folder (unless ``out_dir=`` is given); the model, modalities, loss, optimizer and
+``train.iters_per_epoch`` must match the checkpoint, other keys (``train.epochs``, ...) may change.
+
+Multi-GPU (``torchrun``): every process trains on its own patch stream (seeded by its rank) with
+``data.batch_size`` patches per step, and DistributedDataParallel averages the gradients, so the
+**effective batch is data.batch_size x world_size** patches per optimizer step (the learning rate
+is not rescaled). Validation is sharded: rank r predicts validation cases r, r+N, ...; rank 0
+gathers the per-case metrics and alone logs, prints and writes files. NCCL on CUDA, gloo on CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from datasets.augment import Augmenter
+from datasets.cache import prepare_cache
+from datasets.io import canonical_modality
+from datasets.labels import REGIONS, output_channels, probabilities_to_classes
+from datasets.loader import build_train_loader
+from datasets.split import load_split, make_split, save_split
+from datasets.synthetic import generate_dataset
+from engine import distributed as dist
+from engine.checkpoint import load_checkpoint, save_checkpoint, unwrap_model
+from engine.config import ConfigError, apply_overrides, from_dict, load_config, parse_override, save_config, to_dict
+from engine.errors import UserError, run_cli
+from engine.logger import Progress, RunLogger, validation_panel
+from engine.optim import LRSchedule, apply_hyperparameters, build_optimizer
+from engine.predict import predict_case
+from losses import build_loss, output_mode
+from metrics import aggregate, case_metrics, means
+from models import build_model, count_parameters
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+# keys that must equal the checkpoint's on --resume (the weights / optimizer state depend on them)
+RESUME_FIXED = ("model", "data.modalities", "loss.name", "train.optimizer", "train.iters_per_epoch")
+
+
+class NonFiniteLoss(Exception):
+    """The loss or gradient norm became NaN/inf (and ``train.skip_nonfinite`` is off)."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()  # train.time_limit counts from here
+    args = parse_args(argv)
+    resume = load_checkpoint(args.resume) if args.resume else None
+    cfg = build_config(args, resume)
+    check_config(cfg)
+    out_dir = Path(cfg.out_dir)
+    same_run = resume is not None and out_dir.resolve() == Path(args.resume).resolve().parent
+    if (out_dir / "last.pt").exists() and not same_run:
+        raise UserError(f"{out_dir / 'last.pt'} already exists: continue that run with --resume "
+                        f"{out_dir / 'last.pt'}, or start a new one with out_dir=<another folder>")
+    if resume is not None:
+        check_resume(cfg, resume, args.resume)
+        if resume["epoch"] >= cfg.train.epochs:
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"nothing to do: {args.resume} has finished {resume['epoch']} epochs (train.epochs="
+                      f"{cfg.train.epochs}); raise train.epochs to continue it")
+            return 0
+    info = dist.setup(cfg.train.device)
+    try:
+        return train(cfg, info, resume, started)
+    except NonFiniteLoss as err:
+        if info.is_main:
+            print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        dist.cleanup()
+
+
+def train(cfg, info: dist.DistInfo, resume: dict | None, started: float) -> int:
+    device, is_main = info.device, info.is_main
+    if device.type == "cpu" and cfg.train.cpu_threads > 0:
+        torch.set_num_threads(cfg.train.cpu_threads)
+    log = print if is_main else (lambda *a, **k: None)
+    set_seeds(cfg.train.seed + info.rank, cfg.train.deterministic)
+    out_dir = Path(cfg.out_dir)
+
+    # ---------------- data: (synthetic) cases -> preprocessed cache -> split -> loader ----------------
+    cache = prepare_data(cfg, info, log)
+    split = load_or_make_split(cfg, cache, resume is not None)
+    geometries = {cid: cache.load(cid).geometry for cid in cache.case_ids}
+    check_patch_size(cfg.data.patch_size, geometries)
+    loader = build_train_loader(cache, split["train"], cfg, rank=info.rank, world_size=info.world_size,
+                                device_type=device.type)
+    augmenter = Augmenter(cfg.augment) if cfg.augment.device == "train" else None
+
+    # ---------------- model, loss, optimizer, schedule, mixed precision ----------------
+    mode = output_mode(cfg.loss)
+    model = build_model(cfg.model, len(cfg.data.modalities), output_channels(mode),
+                        patch_size=cfg.data.patch_size)
+    if resume is not None:
+        load_weights(model, resume)
+    model.to(device)
+    channels_last = cfg.train.channels_last and device.type == "cuda"
+    if channels_last:
+        model.to(memory_format=torch.channels_last_3d)
+    train_model = model
+    if info.distributed:
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.train.compile:
+        train_model = torch.compile(train_model)
+    loss_fn = build_loss(cfg.loss).to(device)
+    optimizer = build_optimizer(model, cfg.train, device.type)
+    iters = cfg.train.iters_per_epoch
+    total_iters = cfg.train.epochs * iters
+    schedule = LRSchedule(optimizer, cfg.train.schedule, total_iters, cfg.train.warmup_epochs * iters, cfg.train.lr)
+    amp_dtype = AMP_DTYPES[cfg.train.precision]
+    if device.type == "cpu" and amp_dtype is torch.float16:
+        amp_dtype = None  # CPU: fp32 unless bf16 is asked for
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+
+    # ---------------- where we start: fresh or resumed ----------------
+    epoch, epoch_iter, iteration, best, skipped = 0, 0, 0, {"dice": -1.0, "epoch": 0}, 0
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        apply_hyperparameters(optimizer, cfg.train)  # weight decay / momentum overridden on resume
+        schedule.load_state_dict(resume["scheduler"])
+        if resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
+        epoch, epoch_iter, iteration = resume["epoch"], resume["epoch_iteration"], resume["iteration"]
+        best, skipped = dict(resume["best"]), resume["skipped_steps"]
+        restore_rng(resume["rng"], info, device)
+    # ---------------- run folder (written only now that every input has been checked) ----------------
+    logger = None
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+        save_split(split, out_dir / "split.json")
+        logger = RunLogger(out_dir, purge_step=iteration if resume is not None else None)
+    dist.barrier()
+    effective = cfg.data.batch_size * info.world_size
+    log(f"{cfg.model.name}: {count_parameters(model) / 1e6:.2f} M parameters | device {device} x "
+        f"{info.world_size} | precision {precision_name(amp_dtype)} | effective batch {effective} "
+        f"({cfg.data.batch_size} x {info.world_size} processes) | {len(split['train'])} train / "
+        f"{len(split['val'])} val cases | out_dir {out_dir}")
+    if resume is not None:
+        log(f"resumed at epoch {epoch + 1}, iteration {iteration} (lr {schedule.lr_at(iteration):.3g}, "
+            f"best mean Dice {best['dice']:.4f})")
+
+    # ---------------- the loop ----------------
+    channels = panel_channels(cfg.data.modalities)
+    stop = False
+    last_val = None
+    while epoch < cfg.train.epochs and not stop:
+        train_model.train()
+        loader.sampler.set_epoch(epoch, start=epoch_iter * cfg.data.batch_size)  # start > 0: resumed mid-epoch
+        batches = iter(loader)
+        bar = Progress(iters, f"epoch {epoch + 1}/{cfg.train.epochs}", initial=epoch_iter, enabled=is_main)
+        epoch_loss, epoch_steps, window_loss, window_steps = 0.0, 0, 0.0, 0
+        epoch_start = tick = time.perf_counter()
+        first_iter = epoch_iter
+        while epoch_iter < iters:
+            lr = schedule.set(iteration)
+            batch = next(batches)
+            image = batch["image"].to(device, non_blocking=True)
+            label = batch["label"].to(device, non_blocking=True)
+            if augmenter is not None:
+                generator = torch.Generator().manual_seed(stream_seed(cfg.train.seed, info.rank, iteration))
+                image, label = augmenter(image, label, generator)
+            if channels_last:
+                image = image.contiguous(memory_format=torch.channels_last_3d)
+
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = loss_fn(train_model(image), label)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            # one sync per step: mean loss over ranks, grad norm, and rank 0's time-limit decision
+            out_of_time = is_main and cfg.train.time_limit > 0 and \
+                time.perf_counter() - started > 60 * cfg.train.time_limit
+            stats = dist.all_reduce_sum(torch.stack([loss.detach().float(), grad_norm.detach().float(),
+                                                     torch.tensor(float(out_of_time), device=device)]))
+            loss_value, grad_value, stop_votes = (stats / torch.tensor([info.world_size, info.world_size, 1],
+                                                                      device=device)).tolist()
+            finite = math.isfinite(loss_value) and (scaler.is_enabled() or math.isfinite(grad_value))
+            if finite:
+                scaler.step(optimizer)
+            elif cfg.train.skip_nonfinite:
+                skipped += 1
+            else:
+                what = f"loss ({loss_value})" if not math.isfinite(loss_value) else f"gradient norm ({grad_value})"
+                raise NonFiniteLoss(
+                    f"non-finite {what} at iteration {iteration + 1} (epoch {epoch + 1}); stopped without saving "
+                    f"this step (last.pt holds the last completed epoch). Try a lower train.lr, "
+                    f"train.precision=fp32, or train.skip_nonfinite=true")
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            iteration += 1
+            epoch_iter += 1
+
+            now = time.perf_counter()
+            patches_per_s = effective / max(now - tick, 1e-9)
+            tick = now
+            if finite:
+                epoch_loss, epoch_steps = epoch_loss + loss_value, epoch_steps + 1
+                window_loss, window_steps = window_loss + loss_value, window_steps + 1
+            bar.update(loss=loss_value, lr=lr, patches_per_s=patches_per_s)
+            if logger is not None and (iteration % cfg.train.log_every == 0 or epoch_iter == iters):
+                scalars = {"train/lr": lr, "train/patches_per_s": patches_per_s, "train/grad_norm": grad_value,
+                           "train/skipped_steps": skipped}
+                if window_steps:
+                    scalars["train/loss"] = window_loss / window_steps
+                if device.type == "cuda":
+                    scalars["train/gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                logger.scalars(scalars, iteration)
+                window_loss, window_steps = 0.0, 0
+            if stop_votes > 0:
+                stop = True
+                break
+        bar.close()
+
+        steps_done = epoch_iter - first_iter
+        finished = epoch_iter == iters
+        if finished:
+            epoch, epoch_iter = epoch + 1, 0
+        seconds = time.perf_counter() - epoch_start
+        train_loss = epoch_loss / max(epoch_steps, 1)
+        log(f"epoch {epoch if finished else epoch + 1}/{cfg.train.epochs}{'' if finished else ' (stopped early)'}"
+            f" | loss {train_loss:.4f} | lr {lr:.3g} | {steps_done / seconds:.2f} it/s, "
+            f"{steps_done * effective / seconds:.1f} patches/s | {seconds:.0f} s"
+            + (f" | skipped {skipped} non-finite steps" if skipped else ""))
+        if stop:
+            log(f"train.time_limit of {cfg.train.time_limit:g} min reached after iteration {iteration}: "
+                f"validating, saving and stopping")
+
+        # ---------------- validation (sharded over ranks), best.pt, last.pt ----------------
+        improved = False
+        if stop or epoch % cfg.train.val_every == 0 or epoch >= cfg.train.epochs:
+            val_start = time.perf_counter()
+            per_case, panel = validate(model, cache, split["val"], cfg, mode, info, channels)
+            if is_main:
+                last_val = means(aggregate(per_case))
+                mean_dice = float(np.mean([last_val[r]["dice"] for r in REGIONS]))
+                improved = mean_dice > best["dice"]
+                if improved:
+                    best = {"dice": mean_dice, "epoch": epoch}
+                log_validation(logger, last_val, mean_dice, best, per_case, panel, epoch, iteration, train_loss, lr)
+                log("validation Dice | " + " | ".join(f"{r} {last_val[r]['dice']:.4f}" for r in REGIONS)
+                    + f" | mean {mean_dice:.4f} | best {best['dice']:.4f} (epoch {best['epoch']}) | "
+                    f"{len(per_case)} cases, {time.perf_counter() - val_start:.0f} s")
+        rng = dist.all_gather_objects(rng_state(device))  # every rank's RNG states, for an exact resume
+        if is_main:
+            state = {
+                "config": to_dict(cfg), "convention": cache.convention, "modalities": list(cfg.data.modalities),
+                "output_mode": mode, "model": unwrap_model(model).state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
+                "scaler": scaler.state_dict(), "epoch": epoch, "epoch_iteration": epoch_iter,
+                "iteration": iteration, "best": best, "skipped_steps": skipped, "rng": rng,
+                "world_size": info.world_size,
+            }
+            save_checkpoint(state, out_dir / "last.pt")
+            if improved:
+                save_checkpoint(state, out_dir / "best.pt")
+        dist.barrier()
+
+    # ---------------- the end ----------------
+    if logger is not None:
+        logger.close()
+    if last_val is not None:
+        log("final validation Dice: " + ", ".join(f"{r} {last_val[r]['dice']:.4f}" for r in REGIONS)
+            + f" (best mean {best['dice']:.4f} at epoch {best['epoch']})")
+    if epoch < cfg.train.epochs:
+        log(f"stopped by train.time_limit; continue with: python train.py --resume {out_dir / 'last.pt'}")
+    else:
+        log(f"done in {(time.perf_counter() - started) / 60:.1f} min: {out_dir / 'best.pt'} and "
+            f"{out_dir / 'last.pt'} written. Next:\n"
+            f"  python infer.py --checkpoint {out_dir / 'best.pt'} -i {cfg.data.root} -o predictions/{out_dir.name}")
+    return 0
+
+
+# ==============================================================================================
+# Helpers, in the order train() uses them.
+# ==============================================================================================
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-c", "--config", help="YAML config (optional with --resume: the checkpoint's config is used)")
+    parser.add_argument("--resume", help="checkpoint to continue (e.g. runs/demo/last.pt)")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.epochs=5")
+    args = parser.parse_intermixed_args(argv)
+    if args.config is None and args.resume is None:
+        parser.error("give a config (-c CONFIG) or a checkpoint to resume (--resume CKPT)")
+    return args
+
+
+def build_config(args: argparse.Namespace, resume: dict | None):
+    """YAML + overrides; on ``--resume`` without ``-c``, the checkpoint's config + overrides.
+    A resumed run writes to the checkpoint's folder unless ``out_dir=`` is overridden."""
+    if args.config is not None:
+        cfg = load_config(args.config, args.overrides)
+    else:
+        cfg = from_dict(apply_overrides(copy.deepcopy(resume["config"]), args.overrides))
+    if resume is not None and not any(parse_override(o)[0] == "out_dir" for o in args.overrides):
+        cfg.out_dir = str(Path(args.resume).parent)
+    return cfg
+
+
+def check_config(cfg) -> None:
+    """Training-specific values the types alone do not rule out (``ConfigError``, one line)."""
+    t, d = cfg.train, cfg.data
+    rules = [
+        (t.epochs >= 1, "train.epochs", t.epochs, ">= 1"),
+        (t.iters_per_epoch >= 1, "train.iters_per_epoch", t.iters_per_epoch, ">= 1"),
+        (0 <= t.warmup_epochs <= t.epochs, "train.warmup_epochs", t.warmup_epochs, f"in [0, train.epochs={t.epochs}]"),
+        (t.lr > 0, "train.lr", t.lr, "> 0"),
+        (t.weight_decay >= 0, "train.weight_decay", t.weight_decay, ">= 0"),
+        (0 <= t.momentum < 1, "train.momentum", t.momentum, "in [0, 1)"),
+        (t.grad_clip >= 0, "train.grad_clip", t.grad_clip, ">= 0 (0 = off)"),
+        (t.val_every >= 1, "train.val_every", t.val_every, ">= 1"),
+        (t.log_every >= 1, "train.log_every", t.log_every, ">= 1"),
+        (t.cpu_threads >= 0, "train.cpu_threads", t.cpu_threads, ">= 0 (0 = torch default)"),
+        (t.time_limit >= 0, "train.time_limit", t.time_limit, ">= 0 (0 = no limit)"),
+        (len(d.patch_size) == 3 and min(d.patch_size) >= 1, "data.patch_size", d.patch_size, "3 positive sizes"),
+        (d.batch_size >= 1, "data.batch_size", d.batch_size, ">= 1"),
+        (d.synthetic_cases >= 0, "data.synthetic_cases", d.synthetic_cases, ">= 0"),
+    ]
+    for ok, key, value, rule in rules:
+        if not ok:
+            raise ConfigError(f"{key}: {value!r} must be {rule}")
+
+
+def check_resume(cfg, state: dict, path: str) -> None:
+    """The checkpoint must hold training state and match the config where weights depend on it."""
+    missing = [k for k in ("optimizer", "scheduler", "iteration", "epoch", "rng") if k not in state]
+    if missing:
+        raise UserError(f"{path}: not a training checkpoint (missing {', '.join(missing)}); cannot resume from it")
+    ours, theirs = to_dict(cfg), state["config"]
+    for key in RESUME_FIXED:
+        a, b = _lookup(ours, key), _lookup(theirs, key)
+        if a != b:
+            where = _first_difference(a, b, key)
+            raise UserError(f"{path}: {where[0]} is {where[2]!r} in the checkpoint but {where[1]!r} now; "
+                            f"a resumed run must keep {key}")
+
+
+def _lookup(tree: dict, key: str):
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def _first_difference(a, b, key: str):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{key}.{k}")
+    return key, a, b
+
+
+def set_seeds(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = not deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def stream_seed(seed: int, rank: int, iteration: int) -> int:
+    """Seed of the on-device augmentation of one step: a function of (seed, rank, iteration)."""
+    return int(np.random.SeedSequence([seed, rank, iteration]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def prepare_data(cfg, info: dist.DistInfo, log):
+    """Generate the synthetic dataset if asked and missing, then build the cache (rank 0 first)."""
+    root = Path(cfg.data.root)
+    # rank 0 decides (the others could see the folder it is creating) and tells the others
+    if dist.broadcast_object(not root.exists() and cfg.data.synthetic_cases > 0):
+        if info.is_main:
+            log(f"{root} does not exist: generating {cfg.data.synthetic_cases} synthetic cases of shape "
+                f"{'x'.join(map(str, cfg.data.synthetic_shape))} there (data.synthetic_cases)")
+            generate_dataset(root, cfg.data.synthetic_cases, seed=cfg.data.seed,
+                             convention=cfg.data.synthetic_convention, shape=tuple(cfg.data.synthetic_shape),
+                             workers=max(1, cfg.data.cache_workers))
+        dist.barrier()
+    cache = None
+    if info.is_main:
+        cache = prepare_cache(cfg.data, show_progress=True)
+    dist.barrier()
+    if not info.is_main:
+        cache = prepare_cache(cfg.data, show_progress=False)
+    if len(cache.case_ids) < 2:
+        raise UserError(f"{cfg.data.root}: {len(cache.case_ids)} labelled case(s); training needs at least 2 "
+                        "(one to train on, one to validate)")
+    return cache
+
+
+def load_or_make_split(cfg, cache, resuming: bool) -> dict[str, list[str]]:
+    """A resumed run keeps its ``split.json``; otherwise ``make_split`` (k-fold or data.split_file)."""
+    path = Path(cfg.out_dir) / "split.json"
+    if resuming and path.is_file():
+        split = load_split(path, cache.case_ids)
+    else:
+        split = make_split(cache.case_ids, cfg.data)
+    for part in ("train", "val"):
+        if not split.get(part):
+            raise UserError(f"{path if resuming else cfg.data.split_file or 'data.folds'}: the split has no "
+                            f"{part} cases")
+    return split
+
+
+def check_patch_size(patch: list[int], geometries: dict) -> None:
+    """``UserError`` when the patch is larger than every case (in their original shape)."""
+    fits = [cid for cid, g in geometries.items() if all(p <= s for p, s in zip(patch, g.shape))]
+    if not fits:
+        largest = max((tuple(g.shape) for g in geometries.values()), key=lambda s: math.prod(s))
+        raise UserError(f"data.patch_size {list(patch)} is larger than every case (largest case "
+                        f"{'x'.join(map(str, largest))}); choose a smaller patch")
+
+
+def load_weights(model: torch.nn.Module, state: dict) -> None:
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0][:200]
+        raise UserError(f"checkpoint weights do not fit the model ({first})") from None
+
+
+def precision_name(dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[dtype]
+
+
+def panel_channels(modalities: list[str]) -> tuple[int, int]:
+    """Indices of FLAIR and T1ce in the input channels (falls back to the first channels)."""
+    names = [canonical_modality(m) for m in modalities]
+    flair = names.index("flair") if "flair" in names else 0
+    t1ce = names.index("t1ce") if "t1ce" in names else min(1, len(names) - 1)
+    return flair, t1ce
+
+
+def validate(model, cache, case_ids: list[str], cfg, mode: str, info: dist.DistInfo, channels):
+    """Sliding-window prediction of whole cached validation cases, sharded over ranks.
+
+    Returns (on rank 0) ``{case_id: case_metrics(...)}`` of all cases and an image panel of the
+    first case; on other ranks ``({}, None)``.
+    """
+    net = unwrap_model(model)  # predict_case puts it in eval mode and back
+    infer_cfg = dataclasses.replace(cfg.infer, tta=False)
+    window = tuple(cfg.data.patch_size)
+    results, panel = {}, None
+    for i, case_id in enumerate(case_ids[info.rank::info.world_size]):
+        case = cache.load(case_id)
+        images = torch.from_numpy(np.array(case.images, dtype=np.float32))  # a copy of the memory map
+        probs = predict_case([net], images, infer_cfg, window, mode, info.device)
+        pred = probabilities_to_classes(probs, mode, cfg.infer.region_threshold).cpu().numpy()
+        ref = np.asarray(case.classes)
+        results[case_id] = case_metrics(pred, ref, case.geometry.spacing, convention=cfg.metrics.convention,
+                                        hd95=cfg.train.val_hd95, dilation=cfg.metrics.lesion_dilation,
+                                        min_volume=cfg.metrics.lesion_min_volume)
+        if info.is_main and i == 0:
+            panel = validation_panel(np.asarray(case.images), ref, pred, channels)
+    merged = {}
+    for part in dist.all_gather_objects(results):
+        merged.update(part)
+    return (merged, panel) if info.is_main else ({}, None)
+
+
+def log_validation(logger, summary, mean_dice, best, per_case, panel, epoch, iteration, train_loss, lr) -> None:
+    scalars = {f"val/dice_{r}": summary[r]["dice"] for r in REGIONS}
+    scalars.update({f"val/hd95_{r}": summary[r]["hd95"] for r in REGIONS if "hd95" in summary[r]})
+    scalars.update({"val/dice_mean": mean_dice, "train/epoch_loss": train_loss})
+    record = {"epoch": epoch, "iteration": iteration, "time": time.time(), "lr": lr, "train_loss": train_loss,
+              "val": summary, "mean_dice": mean_dice, "best_dice": best["dice"], "best_epoch": best["epoch"],
+              "cases": len(per_case)}
+    logger.validation(record, scalars, iteration)
+    if panel is not None:
+        logger.image("val/panel", panel, iteration)
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's RNG states as tensors and plain types (``weights_only``-loadable)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
+    }
+
+
+def restore_rng(states: list[dict], info: dist.DistInfo, device: torch.device) -> None:
+    """Restore this rank's RNG states (only if the world size is unchanged; else keep the fresh seeds)."""
+    if len(states) != info.world_size:
+        return
+    s = states[info.rank]
+    torch.set_rng_state(s["torch"])
+    if device.type == "cuda" and s["cuda"] is not None:
+        torch.cuda.set_rng_state(s["cuda"], device)
+    n = s["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = s["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
+
+
+if __name__ == "__main__":
+    run_cli(main)
