@@ -42,26 +42,26 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0, key: str = "train.device") -> torch.device:
     """``"auto"`` -> ``cuda:<local_rank>`` if CUDA is available else ``cpu``; ``"cuda"`` -> ``cuda:<local_rank>``.
 
-    ``UserError`` for a CUDA device that is not available or an unknown name.
+    ``UserError`` naming the config ``key`` for a CUDA device that is not available or an unknown name.
     """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"train.device: unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+    except (RuntimeError, ValueError):
+        raise UserError(f"{key}: unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"train.device: {name!r} requested but CUDA is not available")
+            raise UserError(f"{key}: {name!r} requested but CUDA is not available")
         if device.index is None:
             device = torch.device("cuda", local_rank)
         if device.index >= torch.cuda.device_count():
-            raise UserError(f"train.device: {device} does not exist ({torch.cuda.device_count()} GPUs)")
+            raise UserError(f"{key}: {device} does not exist ({torch.cuda.device_count()} GPUs)")
     elif device.type != "cpu":
-        raise UserError(f"train.device: unsupported device {name!r} (use auto, cpu, cuda or cuda:N)")
+        raise UserError(f"{key}: unsupported device {name!r} (use auto, cpu, cuda or cuda:N)")
     return device
 
 

@@ -22,6 +22,7 @@ from datasets.labels import REGIONS, output_channels
 from engine.checkpoint import load_checkpoint
 from engine.config import Config, ConfigError, InferConfig, from_dict, parse_override, to_dict
 from engine.errors import UserError
+from engine import distributed
 from engine.sliding_window import sliding_window_predict
 from losses import output_mode
 from models import build_model
@@ -31,18 +32,8 @@ OVERRIDABLE_SECTIONS = ("infer", "metrics")
 
 
 def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; ``UserError`` for CUDA on a machine without it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UserError(f"infer.device: {name!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"infer.device: {name!r} requested but CUDA is not available")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"infer.device: {name!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
-    return device
+    """``infer.device`` -> a torch device (see ``engine.distributed.resolve_device``)."""
+    return distributed.resolve_device(name, key="infer.device")
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, Config, str, str]:
