@@ -1,0 +1,295 @@
+"""Inference benchmark (JSON out): seconds per full-size case end to end, sliding-window windows/s.
+
+    python bench/inference.py [-o bench/results/inference_cpu.json]
+    PYTHONPATH=/tmp/peer_pkgs python bench/inference.py          # + MONAI on the same case and network
+    python bench/inference.py --device cuda --features 32 64 128 256 320 320 --sw-batch-size 4
+
+1. One synthetic BraTS case (default 240 x 240 x 155, 4 int16 modalities, gzip NIfTI) and a U-Net
+   checkpoint with random weights (default a tiny one, ``--features 4 8 16 32``: CPU time is
+   then the sliding window's, not a real network's) are written to a work folder.
+2. End to end: ``infer.py`` on the case without its seg file (read, brain crop + z-score,
+   sliding window on the crop, softmax, argmax, write the NIfTI mask in the input geometry; no
+   metrics), TTA off and on (8 flips batched into the same forward passes), with infer.py's
+   read / predict / write split.
+3. Sliding window alone on the whole z-scored volume (no crop; ours takes the softmax of each
+   window before blending, as nnU-Net, MONAI blends logits and takes it once): windows/s for the
+   U-Net and for a one-layer pointwise network (``Conv3d(4, 4, 1)``), whose time is almost all
+   the sliding-window machinery (window extraction, Gaussian weighting, accumulation).
+4. With MONAI: ``monai.inferers.sliding_window_inference`` with the same network, window, overlap,
+   Gaussian mode (sigma 0.125) and sw_batch_size on the same volume (step 3), and a MONAI
+   end-to-end pipeline on the same files: ``LoadImaged`` -> ``EnsureChannelFirstd`` ->
+   [``CropForegroundd``] -> ``NormalizeIntensityd(nonzero, channel_wise)`` ->
+   ``sliding_window_inference`` (TTA: called once per flip, 8 calls, outputs flipped back and
+   averaged) -> softmax -> argmax -> ``Invertd`` (undo the crop) -> ``SaveImage``. Timed with
+   ``CropForegroundd`` (the brain crop, as ours) TTA off and on, and on the whole volume TTA off
+   (MONAI's default usage; the whole volume with TTA is 8x that). The two sliding windows differ
+   by design in window placement (MONAI: regular stride, last window moved back; ours: evenly
+   spread, as nnU-Net) and MONAI floors its Gaussian map at 1e-3; ``agreement`` removes both
+   differences on a sub-volume where the starts coincide and should be ~0.
+Warm-up: one forward pass of a window batch first; the cheap measurements (TTA off on the brain
+crop, the pointwise network) also get ``--warmup`` untimed runs, the expensive ones (TTA, whole
+volume) none. ``--budget`` (30 s) stops repeating a measurement once spent, so on a slow CPU the
+expensive ones are timed once (``runs`` in the JSON).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import infer  # noqa: E402
+from bench.common import (benchmark_parser, finish, import_monai, load_average, log, measure,  # noqa: E402
+                          monai_skipped, per_second, ratio, setup, synthetic_cases, work_dir)
+from datasets.io import read_case  # noqa: E402
+from datasets.preprocess import bounding_box, brain_mask, zscore_in_mask  # noqa: E402
+from engine import sliding_window  # noqa: E402
+from engine.checkpoint import save_checkpoint  # noqa: E402
+from engine.config import Config, to_dict  # noqa: E402
+from engine.sliding_window import FLIP_DIMS, sliding_window_predict, window_starts  # noqa: E402
+from models import build_model, count_parameters  # noqa: E402
+
+MODALITIES = ["t1", "t1ce", "t2", "flair"]
+SIGMA = 0.125  # Gaussian sigma as a fraction of the window, both libraries
+
+
+def unet_config(args) -> Config:
+    """Config of the benchmarked U-Net (labels mode: softmax over 4 classes) and its inference."""
+    cfg = Config()
+    unet = cfg.model.unet3d
+    unet.features = list(args.features)
+    unet.strides = [1] + [2] * (len(args.features) - 1)
+    unet.blocks_per_stage = [1] * len(args.features)
+    unet.deep_supervision = False
+    cfg.data.patch_size = list(args.window)
+    cfg.infer.device = args.device
+    cfg.infer.overlap = args.overlap
+    cfg.infer.sw_batch_size = args.sw_batch_size
+    cfg.infer.gaussian_sigma = SIGMA
+    cfg.infer.precision = args.precision
+    return cfg
+
+
+def test_folder(case, work: Path) -> Path:
+    """A dataset folder holding the case's images only (symlinks): infer.py computes no metrics."""
+    folder = work / "test" / case.folder.parent.name / case.case_id
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in case.image_paths(MODALITIES):
+        link = folder / path.name
+        link.unlink(missing_ok=True)
+        link.symlink_to(path.resolve())
+    return folder.parent
+
+
+def end_to_end(ckpt: Path, data: Path, out: Path, tta: bool, args, warmup: int) -> dict:
+    """``infer.main`` on the case: seconds, and infer.py's own read / predict / write split."""
+    argv = ["--checkpoint", str(ckpt), "-i", str(data), "-o", str(out), "--overwrite",
+            f"infer.tta={str(tta).lower()}"]
+    logs: list[str] = []
+
+    def run():
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            code = infer.main(argv)
+        if code:
+            raise RuntimeError(f"infer.py exited with {code}")
+        logs.append(stdout.getvalue())
+
+    timing = measure(run, args.repeats, warmup, args.budget, args.device)
+    # "<case>: written in 8.7 s (read 0.6, predict 7.9, write 0.1)" -> the split of the last run
+    split = re.search(r"written in [\d.]+ s \((.*)\)", logs[-1]).group(1)
+    return {"seconds": timing, **{k: float(v) for k, v in (part.split() for part in split.split(", "))}}
+
+
+# ----------------------------------------------------------------------------------------------
+# MONAI.
+# ----------------------------------------------------------------------------------------------
+def monai_infer_fn(model: nn.Module, args):
+    """``fn(volume (1, C, X, Y, Z), tta, softmax) -> (1, K, X, Y, Z)`` with MONAI's sliding window:
+    blended logits, softmax applied after blending (as MONAI's post-transforms do); TTA = 8 calls."""
+    from monai.inferers import sliding_window_inference
+
+    def fn(volume: torch.Tensor, tta: bool = False, softmax: bool = True) -> torch.Tensor:
+        with torch.inference_mode():
+            total = None
+            for dims in FLIP_DIMS if tta else ((),):
+                flipped = volume.flip(dims) if dims else volume
+                out = sliding_window_inference(flipped, args.window, args.sw_batch_size, model, overlap=args.overlap,
+                                               mode="gaussian", sigma_scale=SIGMA, sw_device=args.device,
+                                               device=args.device)
+                out = out.flip(dims) if dims else out
+                probs = torch.softmax(out, dim=1) if softmax else out
+                total = probs if total is None else total + probs
+            return total / (len(FLIP_DIMS) if tta else 1)
+
+    return fn
+
+
+def monai_end_to_end(case, model: nn.Module, out: Path, tta: bool, crop: bool, args, warmup: int) -> dict:
+    """MONAI's read -> preprocess -> sliding window -> argmax -> invert -> write of one case."""
+    from monai.data import MetaTensor
+    from monai.transforms import (Compose, CropForegroundd, EnsureChannelFirstd, Invertd, LoadImaged,
+                                  NormalizeIntensityd, SaveImage)
+
+    preprocess = Compose([LoadImaged(keys="image", image_only=True), EnsureChannelFirstd(keys="image"),
+                          *([CropForegroundd(keys="image", source_key="image")] if crop else []),
+                          NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True)])
+    invert = Invertd(keys="pred", transform=preprocess, orig_keys="image", nearest_interp=True)
+    save = SaveImage(output_dir=str(out), output_postfix="seg", separate_folder=False, output_dtype=np.uint8,
+                     print_log=False)
+    labels = torch.tensor([0, 1, 2, 4], dtype=torch.uint8)  # classes -> 2021 label values, as ours writes
+    infer_fn = monai_infer_fn(model, args)
+    sample = {"image": [str(p) for p in case.image_paths(MODALITIES)]}
+
+    def run():
+        data = preprocess(dict(sample))
+        probs = infer_fn(data["image"][None], tta)[0]
+        classes = probs.argmax(0, keepdim=True).to(torch.uint8).cpu()
+        data["pred"] = MetaTensor(classes, meta=data["image"].meta, applied_operations=data["image"].applied_operations)
+        pred = invert(data)["pred"] if crop else data["pred"]  # back to the full grid
+        save(MetaTensor(labels[pred.long()], meta=pred.meta))
+
+    return measure(run, args.repeats, warmup, args.budget, args.device)
+
+
+def agreement(model, volume: torch.Tensor, args, monai_fn) -> float:
+    """Largest output difference on a centred sub-volume where both libraries place the same
+    windows (size = window + k * step), with our Gaussian floored at 1e-3 like MONAI's; raw logits
+    blended (no activation) on both sides."""
+    step = [max(1, int(w * (1 - args.overlap))) for w in args.window]
+    size = [w + (s - w) // st * st for s, w, st in zip(volume.shape[1:], args.window, step)]
+    start = [(s - n) // 2 for s, n in zip(volume.shape[1:], size)]
+    sub = volume[(slice(None),) + tuple(slice(a, a + n) for a, n in zip(start, size))]
+    theirs = monai_fn(sub[None], False, False)[0]
+    exact = sliding_window.gaussian_importance_map
+    sliding_window.gaussian_importance_map = lambda w, s, device="cpu", dtype=torch.float32: exact(
+        w, s, device, dtype).clamp(min=1e-3)
+    try:
+        ours = sliding_window.sliding_window_predict(model, sub, args.window, overlap=args.overlap,
+                                                     sw_batch_size=args.sw_batch_size, mode=None,
+                                                     device=args.device, precision=args.precision)
+    finally:
+        sliding_window.gaussian_importance_map = exact
+    return float((theirs.float().cpu() - ours.cpu()).abs().max())
+
+
+# ----------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = benchmark_parser(__doc__, repeats=3, budget=30.0)
+    parser.add_argument("--shape", type=int, nargs=3, default=[240, 240, 155], help="case shape X Y Z")
+    parser.add_argument("--window", type=int, nargs=3, default=[128, 128, 128], help="sliding window X Y Z")
+    parser.add_argument("--features", type=int, nargs="+", default=[4, 8, 16, 32], help="U-Net channels per stage")
+    parser.add_argument("--overlap", type=float, default=0.5)
+    parser.add_argument("--sw-batch-size", type=int, default=2)
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast on CUDA")
+    parser.add_argument("--no-tta", action="store_true", help="skip the TTA runs (8x the windows)")
+    args = parser.parse_args(argv)
+    device = setup(args)
+    args.device = str(device)
+    args.window = tuple(args.window)
+    load_at_start = load_average()
+    monai = import_monai(args.no_monai)
+    cfg = unet_config(args)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, len(MODALITIES), 4, cfg.data.patch_size).to(device).eval()
+    pointwise = nn.Conv3d(len(MODALITIES), 4, 1).to(device).eval()
+    report: dict = {
+        "benchmark": "inference", "case_shape": args.shape, "window": list(args.window), "overlap": args.overlap,
+        "sw_batch_size": args.sw_batch_size, "gaussian_sigma": SIGMA, "precision": args.precision,
+        "model": {"name": "unet3d", "features": args.features, "parameters": count_parameters(model)},
+        "repeats": args.repeats, "budget_s": args.budget,
+        "monai": monai.__version__ if monai else monai_skipped(args.no_monai),
+    }
+    ttas = [False] if args.no_tta else [False, True]
+    with work_dir(args) as work:
+        (case,), report["generate_s"] = synthetic_cases(work / "data", 1, args.shape)
+        ckpt = save_checkpoint({"config": to_dict(cfg), "convention": "2021", "model": model.cpu().state_dict()},
+                               work / "unet.pt")
+        model.to(device)
+        images, _, _ = read_case(case, MODALITIES, with_label=False)
+        mask = brain_mask(images)
+        box = bounding_box(mask)
+        crop = [b - a for a, b in box]
+        report["brain_crop_shape"] = crop
+        report["windows"] = {
+            "brain_crop": len(window_starts([max(c, w) for c, w in zip(crop, args.window)], args.window, args.overlap)),
+            "whole_volume": len(window_starts(args.shape, args.window, args.overlap))}
+
+        with torch.inference_mode():  # first-call allocations and kernel choices, once for all timings
+            model(torch.zeros((args.sw_batch_size, len(MODALITIES)) + args.window, device=device))
+        # ---- ours end to end (infer.py), TTA off / on ----
+        data = test_folder(case, work)
+        report["end_to_end"] = {}
+        for tta in ttas:
+            key = "tta_on" if tta else "tta_off"
+            report["end_to_end"][key] = end_to_end(ckpt, data, work / "out", tta, args, args.warmup if not tta else 0)
+            log(f"ours end to end {key}: {report['end_to_end'][key]}")
+
+        # ---- sliding window alone on the whole volume: ours, MONAI ----
+        volume = torch.from_numpy(zscore_in_mask(images, mask)).to(device)
+        monai_fns = {"unet": monai_infer_fn(model, args), "pointwise": monai_infer_fn(pointwise, args)} if monai else {}
+        report["sliding_window_whole_volume"] = {}
+        for name, net in (("pointwise", pointwise), ("unet", model)):
+            windows = report["windows"]["whole_volume"]
+
+            def ours_fn(net=net):
+                return sliding_window_predict(net, volume, args.window, overlap=args.overlap,
+                                              sw_batch_size=args.sw_batch_size, mode="labels", device=device,
+                                              precision=args.precision)
+
+            warmup = args.warmup if name == "pointwise" else 0  # the U-Net was warmed up on one window batch
+            entry = {"ours_seconds": measure(ours_fn, args.repeats, warmup, args.budget, device)}
+            entry["ours_windows_per_s"] = per_second(windows, entry["ours_seconds"])
+            if monai:
+                entry["monai_seconds"] = measure(lambda fn=monai_fns[name]: fn(volume[None]), args.repeats, warmup,
+                                                 args.budget, device)
+                entry["monai_windows_per_s"] = per_second(windows, entry["monai_seconds"])
+                entry["time_ratio_monai_over_ours"] = ratio(entry["monai_seconds"]["median_s"],
+                                                            entry["ours_seconds"]["median_s"])
+            report["sliding_window_whole_volume"][name] = entry
+            log(f"sliding window, whole volume, {name}: {entry}")
+
+        # ---- MONAI end to end on the same files ----
+        if monai:
+            report["monai_end_to_end"] = {}
+            runs = [("crop_foreground_tta_off", True, False)] + \
+                ([("crop_foreground_tta_on", True, True)] if not args.no_tta else []) + \
+                [("whole_volume_tta_off", False, False)]
+            for key, crop_fg, tta in runs:
+                report["monai_end_to_end"][key] = monai_end_to_end(case, model, work / "monai_out", tta, crop_fg, args,
+                                                                   args.warmup if key == "crop_foreground_tta_off" else 0)
+                log(f"MONAI end to end {key}: {report['monai_end_to_end'][key]}")
+            report["agreement_max_abs_difference"] = agreement(model, volume, args, monai_fns["unet"])
+            report["ratios_monai_over_ours"] = ratios(report)
+    return finish(report, args, device, load_at_start)
+
+
+def ratios(report: dict) -> dict:
+    """MONAI's median seconds over ours (> 1: ours is faster)."""
+    ours, theirs = report["end_to_end"], report["monai_end_to_end"]
+
+    def median(entry):
+        return entry["seconds"]["median_s"] if "seconds" in entry else entry["median_s"]
+
+    out = {}
+    for key, (mine, other) in {
+        "end_to_end_tta_off_vs_monai_crop_foreground": ("tta_off", "crop_foreground_tta_off"),
+        "end_to_end_tta_on_vs_monai_crop_foreground_8_calls": ("tta_on", "crop_foreground_tta_on"),
+        "end_to_end_tta_off_vs_monai_whole_volume": ("tta_off", "whole_volume_tta_off"),
+    }.items():
+        if mine in ours and other in theirs:
+            out[key] = ratio(median(theirs[other]), median(ours[mine]), 2)
+    for name, entry in report["sliding_window_whole_volume"].items():
+        out[f"sliding_window_whole_volume_{name}"] = entry.get("time_ratio_monai_over_ours")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
