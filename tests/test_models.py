@@ -340,6 +340,37 @@ def test_window_attention_matches_direct_definition(size, window, shifted):
                                    rtol=1e-4, atol=1e-5)
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("device, fused", [("cpu", "FLASH_ATTENTION"),
+                                           pytest.param("cuda", "EFFICIENT_ATTENTION", marks=CUDA)])
+@pytest.mark.parametrize("size, shifted", [((9, 8, 16), True), ((9, 8, 16), False), ((7, 7, 7), True)])
+def test_fused_attention_kernel_takes_the_window_mask(device, fused, size, shifted):
+    # forcing the fused backend raises "No available kernel" if the mask layout does not suit it.
+    # The CPU kernel has no mask gradient: inference only there; on CUDA also bf16 and backward.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    block = SwinBlock(dim=48, num_heads=3, window=(7, 7, 7), drop_path=0.0).to(device)
+    x = torch.randn(2, *size, 48, device=device)
+    geometry = window_geometry(size, (7, 7, 7), shifted, x.device)
+    results = []
+    for backend in (getattr(SDPBackend, fused), SDPBackend.MATH):
+        block.zero_grad()
+        with sdpa_kernel(backend), torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
+            with torch.set_grad_enabled(device == "cuda"):
+                out = block.attend(x, geometry).float()
+        if device == "cuda":
+            out.square().mean().backward()
+        results.append((out.detach(), block.attn.bias_table.grad))
+    (fused_out, fused_grad), (math_out, math_grad) = results
+    tolerance = dict(rtol=2e-2, atol=2e-2) if device == "cuda" else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused_out, math_out, **tolerance)
+    if device == "cuda":
+        torch.testing.assert_close(fused_grad, math_grad, **tolerance)
+
+
 # ----------------------------------------------------------------------------------------------
 # checkpointing, channels_last_3d, autocast
 # ----------------------------------------------------------------------------------------------
@@ -398,8 +429,9 @@ def test_autocast_on_cpu(make, dtype):
     assert torch.corrcoef(torch.stack([reference.flatten(), low]))[0, 1] > 0.99
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("make", [lambda: tiny_unet(), lambda: tiny_swin(deep_supervision=True)])
+@CUDA
+@pytest.mark.parametrize("make", [lambda: tiny_unet(), lambda: tiny_swin(deep_supervision=True, feature_size=24,
+                                                                        num_heads=[3, 6])])  # 8 channels per head
 def test_cuda_compile_bf16_channels_last(make):
     model = seeded(make).cuda().to(memory_format=torch.channels_last_3d).train()
     x = torch.randn(2, 2, 32, 32, 32, device="cuda").to(memory_format=torch.channels_last_3d)
