@@ -5,6 +5,7 @@
     device = setup(args)                                # torch threads, resolved device
     timing = measure(step, args.repeats, args.warmup, args.budget, device)
     # {"median_s", "min_s", "max_s", "runs", "cpu_median_s"}
+    timings = measure_alternating({"ours": ours, "monai": theirs}, args.repeats, args.warmup, args.budget, device)
     report = {"benchmark": "loader", ..., "x": timing, "x_per_s": per_second(batch, timing)}
     finish(report, args, device)                        # + hardware and load average; stdout and -o FILE
 
@@ -120,6 +121,26 @@ def measure(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1, budget: fl
         wall.append(time.perf_counter() - start_wall)
         cpu.append(time.process_time() - start_cpu)
     return {**summarize(wall), "cpu_median_s": round(statistics.median(cpu), 4)}
+
+
+def measure_alternating(fns: dict[str, Callable[[], Any]], repeats: int = 3, warmup: int = 1,
+                        budget: float | None = None, device: torch.device | str | None = None) -> dict[str, dict]:
+    """``measure`` several functions in rounds (a, b, a, b, ...), so a change in the machine's
+    load affects all of them alike; ``budget`` caps the timed seconds of all of them together."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    synchronize(device)
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    for rounds in range(repeats):
+        if rounds and budget is not None and sum(map(sum, wall.values())) >= budget:
+            break
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            wall[name].append(time.perf_counter() - start)
+    return {name: summarize(values) for name, values in wall.items()}
 
 
 def summarize(seconds: list[float]) -> dict:

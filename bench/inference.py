@@ -14,7 +14,8 @@
 3. Sliding window alone on the whole z-scored volume (no crop; ours takes the softmax of each
    window before blending, as nnU-Net, MONAI blends logits and takes it once): windows/s for the
    U-Net and for a one-layer pointwise network (``Conv3d(4, 4, 1)``), whose time is almost all
-   the sliding-window machinery (window extraction, Gaussian weighting, accumulation).
+   the sliding-window machinery (window extraction, Gaussian weighting, accumulation); with
+   MONAI the two libraries are timed alternately.
 4. With MONAI: ``monai.inferers.sliding_window_inference`` with the same network, window, overlap,
    Gaussian mode (sigma 0.125) and sw_batch_size on the same volume (step 3), and a MONAI
    end-to-end pipeline on the same files: ``LoadImaged`` -> ``EnsureChannelFirstd`` ->
@@ -47,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import infer  # noqa: E402
 from bench.common import (benchmark_parser, finish, import_monai, load_average, log, measure,  # noqa: E402
-                          monai_skipped, per_second, ratio, setup, synthetic_cases, work_dir)
+                          measure_alternating, monai_skipped, per_second, ratio, setup, synthetic_cases, work_dir)
 from datasets.io import read_case  # noqa: E402
 from datasets.preprocess import bounding_box, brain_mask, zscore_in_mask  # noqa: E402
 from engine import sliding_window  # noqa: E402
@@ -245,14 +246,15 @@ def main(argv: list[str] | None = None) -> int:
                                               precision=args.precision)
 
             warmup = args.warmup if name == "pointwise" else 0  # the U-Net was warmed up on one window batch
-            entry = {"ours_seconds": measure(ours_fn, args.repeats, warmup, args.budget, device)}
-            entry["ours_windows_per_s"] = per_second(windows, entry["ours_seconds"])
+            fns = {"ours": ours_fn}
             if monai:
-                entry["monai_seconds"] = measure(lambda fn=monai_fns[name]: fn(volume[None]), args.repeats, warmup,
-                                                 args.budget, device)
-                entry["monai_windows_per_s"] = per_second(windows, entry["monai_seconds"])
-                entry["time_ratio_monai_over_ours"] = ratio(entry["monai_seconds"]["median_s"],
-                                                            entry["ours_seconds"]["median_s"])
+                fns["monai"] = lambda fn=monai_fns[name]: fn(volume[None])
+            timings = measure_alternating(fns, args.repeats, warmup, args.budget, device)
+            entry = {"windows": windows}
+            for who, timing in timings.items():
+                entry[f"{who}_seconds"], entry[f"{who}_windows_per_s"] = timing, per_second(windows, timing)
+            if monai:
+                entry["time_ratio_monai_over_ours"] = ratio(timings["monai"]["median_s"], timings["ours"]["median_s"])
             report["sliding_window_whole_volume"][name] = entry
             log(f"sliding window, whole volume, {name}: {entry}")
 

@@ -28,12 +28,13 @@ End to end (``--e2e-workers``): the same step fed by the real loader (synthetic 
 steps after the loader's prefetch queue has drained; reports patches/s and the fraction of the
 step time spent waiting for the next batch.
 
-MONAI (when importable): the same step (fp32, contiguous) with MONAI's loss instead of ours --
+MONAI (when importable): the same step (fp32, contiguous) with MONAI's loss instead of ours, the
+two timed alternately --
 ``DiceLoss(sigmoid=True)`` (+ ``BCEWithLogitsLoss`` when the config has a BCE term; MONAI's
 ``DiceCELoss`` would apply a softmax cross-entropy to the 3 region channels), wrapped in
 ``DeepSupervisionLoss`` when the network has deep supervision -- with region targets made
 before the step, as a MONAI pipeline makes them in the loader; and the losses alone (forward +
-backward on fixed logits), with their values side by side.
+backward on fixed logits, also alternately), with their values side by side.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (ROOT, benchmark_parser, finish, import_monai, load_average, log, measure,  # noqa: E402
-                          monai_skipped, per_second, ratio, setup, summarize, synchronize, synthetic_cases,
+                          measure_alternating, monai_skipped, per_second, ratio, setup, summarize, synchronize, synthetic_cases,
                           work_dir)
 from datasets.augment import Augmenter  # noqa: E402
 from datasets.cache import prepare_cache  # noqa: E402
@@ -163,12 +164,10 @@ def mb(count: int) -> float:
     return round(count / 2**20, 1)
 
 
-def bench_variant(cfg, args, device, precision: str, channels_last: bool, compile_model: bool,
-                  loss_fn: nn.Module | None = None, target_fn=None) -> dict:
-    """Step timing and memory of one variant (``loss_fn``/``target_fn``: another loss and its targets)."""
-    trainer = Trainer(cfg, device, precision, channels_last, compile_model, loss_fn)
-    image, label = random_batch(cfg, args.batch, device)
-    target = target_fn(label) if target_fn else label
+def bench_variant(cfg, args, device, precision: str, channels_last: bool, compile_model: bool) -> dict:
+    """Step timing and memory of one variant."""
+    trainer = Trainer(cfg, device, precision, channels_last, compile_model)
+    image, target = random_batch(cfg, args.batch, device)
     result = {"parameters": count_parameters(trainer.model)}
     if device.type == "cuda":
         trainer.step(image, target)  # allocations of the first step (and compilation) are not peaks
@@ -268,8 +267,20 @@ def monai_targets(cfg):
     return lambda label: label[:, None]
 
 
+def loss_step(cfg, device, args, monai_fn: nn.Module) -> dict:
+    """fp32 train steps with our loss and with MONAI's (on its region targets), timed alternately."""
+    ours, theirs = Trainer(cfg, device, "fp32", False, False), Trainer(cfg, device, "fp32", False, False, monai_fn)
+    image, label = random_batch(cfg, args.batch, device)
+    target = monai_targets(cfg)(label)
+    timings = measure_alternating({"ours": lambda: ours.step(image, label), "monai": lambda: theirs.step(image, target)},
+                                  args.repeats, args.warmup, args.budget, device)
+    return {"ours_seconds_per_step": timings["ours"], "monai_seconds_per_step": timings["monai"],
+            "step_time_ratio_ours_over_monai": ratio(timings["ours"]["median_s"], timings["monai"]["median_s"])}
+
+
 def loss_only(cfg, device, args, monai_fn: nn.Module) -> dict:
-    """Forward + backward of the losses alone on fixed logits (the network's output shapes)."""
+    """Forward + backward of the losses alone on fixed logits (the network's output shapes),
+    timed alternately; with a single region output also ours given MONAI's region targets."""
     trainer = Trainer(cfg, device, "fp32", False, False)
     image, label = random_batch(cfg, args.batch, device)
     with torch.no_grad():
@@ -285,17 +296,18 @@ def loss_only(cfg, device, args, monai_fn: nn.Module) -> dict:
             o.grad = None
         return loss.item()
 
-    ours_time = measure(lambda: run(ours_fn, label), args.repeats, args.warmup, args.budget, device)
-    theirs_time = measure(lambda: run(monai_fn, target), args.repeats, args.warmup, args.budget, device)
-    result = {"ours_seconds": ours_time, "monai_seconds": theirs_time,
-              "time_ratio_ours_over_monai": ratio(ours_time["median_s"], theirs_time["median_s"]),
-              "ours_value": round(run(ours_fn, label), 6), "monai_value": round(run(monai_fn, target), 6)}
-    if len(outputs) == 1 and output_mode(cfg.loss) == "regions":
-        # ours takes classes and builds the region maps itself; given MONAI's region targets:
-        same = measure(lambda: run(ours_fn.base, target), args.repeats, args.warmup, args.budget, device)
-        result["ours_given_region_targets_seconds"] = same
-        result["time_ratio_ours_given_region_targets_over_monai"] = ratio(same["median_s"], theirs_time["median_s"])
-    else:
+    fns = {"ours": lambda: run(ours_fn, label), "monai": lambda: run(monai_fn, target)}
+    same_targets = len(outputs) == 1 and output_mode(cfg.loss) == "regions"
+    if same_targets:  # ours takes classes and builds the region maps itself; here it gets MONAI's
+        fns["ours_given_region_targets"] = lambda: run(ours_fn.base, target)
+    timings = measure_alternating(fns, args.repeats, args.warmup, args.budget, device)
+    result = {f"{name}_seconds": timing for name, timing in timings.items()}
+    result["time_ratio_ours_over_monai"] = ratio(timings["ours"]["median_s"], timings["monai"]["median_s"])
+    if same_targets:
+        result["time_ratio_ours_given_region_targets_over_monai"] = ratio(
+            timings["ours_given_region_targets"]["median_s"], timings["monai"]["median_s"])
+    result.update(ours_value=round(run(ours_fn, label), 6), monai_value=round(run(monai_fn, target), 6))
+    if not same_targets:
         result["note"] = ("values differ with deep supervision: MONAI's 'exp' weights are 1, 1/2, 1/4 unnormalised "
                           "and it resizes region targets by nearest-exact interpolation, ours normalise the weights "
                           "to sum 1 and max-pool the regions")
@@ -355,10 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                         log(f"{config} {name}: {entry['variants'][name]['patches_per_s']}")
             if monai:
                 fn, text = monai_loss(cfg)
-                variant = bench_variant(cfg, args, device, "fp32", False, False, fn, monai_targets(cfg))
-                base = entry["variants"].get("fp32", {}).get("seconds_per_step", {}).get("median_s")
-                entry["monai_loss_step"] = {"loss": text, **variant, "step_time_ratio_ours_over_monai":
-                                            ratio(base, variant["seconds_per_step"]["median_s"])}
+                entry["monai_loss_step"] = {"loss": text, **loss_step(cfg, device, args, fn)}
                 entry["monai_loss_only"] = {"loss": text, **loss_only(cfg, device, args, fn)}
                 log(f"{config} monai loss: {entry['monai_loss_only']['time_ratio_ours_over_monai']}")
             shape = args.e2e_case_shape or ([240, 240, 155] if cuda else list(cfg.data.synthetic_shape))
