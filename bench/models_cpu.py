@@ -90,6 +90,7 @@ def timed_rounds(models: dict[str, nn.Module], step: Callable, x: torch.Tensor, 
             step(model, x)
             synchronize(device)
             times[name].append(time.perf_counter() - begin)
+            log(f"  {step.__name__} {name}: {times[name][-1]:.2f} s")
         if time.perf_counter() - start > budget:
             break
     return {name: summarize(seconds) for name, seconds in times.items()}
