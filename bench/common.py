@@ -241,11 +241,16 @@ def finish(report: dict, args: argparse.Namespace, device: torch.device | str | 
     full = {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "hardware": hardware(device),
             "device": str(device) if device is not None else None,
             "load_average_at_start": load_at_start, "load_average_at_end": load_average(), **report}
-    text = json.dumps(full, indent=2)
+    return emit(full, args.output)
+
+
+def emit(result: dict, output: str | None) -> int:
+    """Print ``result`` as JSON and, if ``output`` is given, also write it there."""
+    text = json.dumps(result, indent=2)
     print(text)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text + "\n")
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(text + "\n")
     return 0
 
 

@@ -21,6 +21,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import emit  # noqa: E402
 from metrics.overlap import dice_from_counts, mask_counts  # noqa: E402
 from metrics.surface import hd95  # noqa: E402
 
@@ -112,12 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 entry[key] = ({"min": float(arr.min()), "max": float(arr.max()), "mean": float(arr.mean())}
                               if key in ("monai_hd95_minus_ours", "ours_hd95") else {"max_abs_diff": float(arr.max())})
         result[kind] = entry
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text + "\n")
-    return 0
+    return emit(result, args.output)
 
 
 if __name__ == "__main__":

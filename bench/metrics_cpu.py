@@ -10,7 +10,6 @@ under the lesion-wise convention, plus the parts (confusion counts, HD95 of each
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -22,6 +21,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import emit  # noqa: E402
 from metrics import case_metrics, confusion_matrix, hd95  # noqa: E402
 
 SHAPE = (240, 240, 155)
@@ -84,12 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version(),
                     "numpy": np.__version__},
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text + "\n")
-    return 0
+    return emit(result, args.output)
 
 
 if __name__ == "__main__":
