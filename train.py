@@ -118,7 +118,7 @@ def train(cfg, info: dist.DistInfo, resume: dict | None, started: float) -> int:
     if resume is not None:
         load_weights(model, resume)
     model.to(device)
-    channels_last = cfg.train.channels_last and device.type == "cuda"
+    channels_last = cfg.train.channels_last  # faster convolutions on CUDA and on CPU (oneDNN)
     if channels_last:
         model.to(memory_format=torch.channels_last_3d)
     train_model = model
