@@ -179,8 +179,8 @@ def train(cfg, info: dist.DistInfo, resume: dict | None, started: float) -> int:
         while epoch_iter < iters:
             lr = schedule.set(iteration)
             batch = next(batches)
-            image = batch["image"].to(device, non_blocking=True)
-            label = batch["label"].to(device, non_blocking=True)
+            image = batch["image"].to(device, non_blocking=True).float()  # float16 cache -> float32 on the device
+            label = batch["label"].to(device, non_blocking=True).long()  # uint8 from the loader -> int64
             if augmenter is not None:
                 generator = torch.Generator().manual_seed(stream_seed(cfg.train.seed, info.rank, iteration))
                 image, label = augmenter(image, label, generator)

@@ -108,8 +108,8 @@ def ours(make_config, cache, mode: str, workers: int, args, device) -> dict:
 
     def next_batch():
         batch = next(batches)
-        image = batch["image"].to(device, non_blocking=True)
-        label = batch["label"].to(device, non_blocking=True)
+        image = batch["image"].to(device, non_blocking=True).float()  # as train.py: float16 cache -> float32
+        label = batch["label"].to(device, non_blocking=True).long()  # uint8 -> int64
         if augmenter is not None:
             image, label = augmenter(image, label, torch.Generator().manual_seed(next(seeds)))
         synchronize(device)

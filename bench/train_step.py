@@ -203,7 +203,8 @@ def end_to_end(config: Path, overrides: list[str], shape, args, device, work: Pa
     for i in range(warmup + steps):
         start = time.perf_counter()
         batch = next(batches)
-        image, label = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+        image = batch["image"].to(device, non_blocking=True).float()  # as train.py: the cache dtype -> float32
+        label = batch["label"].to(device, non_blocking=True).long()  # uint8 -> int64
         if augmenter is not None:
             image, label = augmenter(image, label, torch.Generator().manual_seed(i))
         synchronize(device)

@@ -36,6 +36,7 @@ from engine.config import AugmentConfig, ConfigError
 
 TRUNCATE = 3.0  # Gaussian kernels are cut at this many sigmas
 _EPS = 1e-7  # guards divisions by a channel's value range or standard deviation
+_STATS_CHUNK = 2**17  # elements per step of _std_mean on the CPU (half an L2 cache of float32)
 
 
 class AugmentConfigError(ConfigError, ValueError):
@@ -180,21 +181,54 @@ def gaussian_kernels(sigma: Tensor) -> Tensor:
 
 
 def gaussian_blur(image: Tensor, sigma: Tensor) -> Tensor:
-    """Separable Gaussian blur of each channel with its own ``sigma`` (B, C) in voxels: one grouped
-    ``conv3d`` per axis for the whole batch; borders repeat the edge voxel."""
+    """Separable Gaussian blur of each channel with its own ``sigma`` (B, C) in voxels: one
+    depthwise convolution per axis for the whole batch; borders repeat the edge voxel.
+    Returns a new contiguous tensor (or ``image`` itself when every sigma is 0)."""
     kernels = gaussian_kernels(sigma.reshape(-1).double()).to(device=image.device, dtype=image.dtype)
     groups, size = kernels.shape
     if size == 1:
         return image
+    if image.device.type == "cpu":
+        return _blur_cpu(image, kernels)
     x = image.reshape(1, groups, *image.shape[2:])
-    if image.device.type == "cpu":  # oneDNN's depthwise conv3d is ~4x faster channels-last
-        x = x.contiguous(memory_format=torch.channels_last_3d)
     x = F.pad(x, [size // 2] * 6, mode="replicate")  # once: replicate padding commutes with the blur
     for axis in range(3):
         shape = [groups, 1, 1, 1, 1]
         shape[2 + axis] = size
         x = F.conv3d(x, kernels.reshape(shape), groups=groups)
-    return x.contiguous().reshape(image.shape)
+    return x.reshape(image.shape)
+
+
+def _blur_cpu(image: Tensor, kernels: Tensor) -> Tensor:
+    """``gaussian_blur`` on the CPU with ``kernels`` (G = B * C, size). oneDNN's depthwise
+    convolution is fast there only channels-last, and a conv3d with its kernel along X falls back
+    to PyTorch's slow reference kernel (~10x slower than along Y or Z). So the volume is copied
+    once into a replicate-padded channels-last buffer (X, Y, Z, G), and every pass is a conv2d on
+    a channels-last view of it: X on (1, G, X, Y * Z), then Y and Z on (X, G, Y, Z)."""
+    groups, size = kernels.shape
+    x = _pad_channels_last(image.reshape(groups, *image.shape[2:]), size // 2)
+    sides = x.shape[:3]
+    along_rows, along_columns = kernels.reshape(groups, 1, size, 1), kernels.reshape(groups, 1, 1, size)
+    x = F.conv2d(x.reshape(1, sides[0], sides[1] * sides[2], groups).permute(0, 3, 1, 2), along_rows,
+                 groups=groups)  # X; the result's memory is (X, Y, Z, G) again
+    x = x.permute(0, 2, 3, 1).reshape(-1, sides[1], sides[2], groups).permute(0, 3, 1, 2)  # (X, G, Y, Z)
+    x = F.conv2d(F.conv2d(x, along_rows, groups=groups), along_columns, groups=groups)  # Y, then Z
+    return x.permute(1, 0, 2, 3).reshape(image.shape).contiguous()
+
+
+def _pad_channels_last(volumes: Tensor, radius: int) -> Tensor:
+    """(G, X, Y, Z) -> (X + 2r, Y + 2r, Z + 2r, G), the borders repeating the edge voxels: one
+    copy of the volumes, then the six border slabs filled from the edges."""
+    sides = volumes.shape[1:]
+    out = volumes.new_empty([n + 2 * radius for n in sides] + [volumes.shape[0]])
+    inner = [slice(radius, radius + n) for n in sides]
+    out[tuple(inner)] = volumes.permute(1, 2, 3, 0)
+    for axis, n in enumerate(sides):  # axes before `axis` are already padded: fill them in full
+        def part(index: slice) -> tuple:
+            return (slice(None),) * axis + (index,) + tuple(inner[axis + 1:])
+        out[part(slice(0, radius))] = out[part(slice(radius, radius + 1))]
+        out[part(slice(radius + n, None))] = out[part(slice(radius + n - 1, radius + n))]
+    return out
 
 
 def add_gaussian_noise(image: Tensor, std: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -214,8 +248,8 @@ def gamma_transform(image: Tensor, gamma: Tensor, retain_stats: bool = True) -> 
     powered = unit.pow_(_per_channel(gamma, image))
     factor, offset = span, low  # back to [low, high]
     if retain_stats:
-        std, mean = torch.std_mean(image.flatten(2), dim=2)
-        new_std, new_mean = torch.std_mean(powered.flatten(2), dim=2)
+        std, mean = _std_mean(image.flatten(2))
+        new_std, new_mean = _std_mean(powered.flatten(2))
         varied = new_std > 0  # False only for constant channels, which keep [low, high] = low
         factor = torch.where(varied, std / new_std.clamp_min(_EPS), span)
         offset = torch.where(varied, mean - new_mean * factor, low)
@@ -379,6 +413,27 @@ def _map_samples(x: Tensor, selected: Tensor, fn: Callable[[Tensor, Tensor], Ten
         return fn(x, index)
     device_index = index.to(x.device)
     return x.index_copy(0, device_index, fn(x[device_index], index))
+
+
+def _std_mean(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.std_mean(x, dim=2)`` (sample std) of x (B, C, N), ~6x faster on the CPU, where that
+    kernel is slow. Two passes: a first mean ``m``, then the deviations ``d = x - m`` summed and
+    squared ``_STATS_CHUNK`` elements at a time (the temporaries stay in cache) into float64 sums;
+    the sum of ``d`` corrects the rounding of ``m`` (corrected two-pass algorithm)."""
+    if x.device.type != "cpu":
+        return torch.std_mean(x, dim=2)
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32  # float16 sums in float32
+    mean = x.mean(dim=2, keepdim=True, dtype=work)
+    sums = torch.zeros(x.shape[:2], dtype=torch.float64)
+    squares = torch.zeros(x.shape[:2], dtype=torch.float64)
+    step = max(1, _STATS_CHUNK // max(1, x.shape[0] * x.shape[1]))
+    for start in range(0, x.shape[2], step):
+        deviation = x[..., start:start + step].to(work) - mean
+        sums += deviation.sum(dim=2)
+        squares += deviation.mul_(deviation).sum(dim=2)
+    count = x.shape[2]
+    variance = (squares - sums * sums / count) / (count - 1)
+    return variance.clamp_min(0).sqrt().to(x.dtype), (mean[..., 0] + sums / count).to(x.dtype)
 
 
 def _per_channel(values: Tensor, image: Tensor) -> Tensor:

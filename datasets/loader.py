@@ -4,8 +4,9 @@
                                 device_type=device.type)
     for epoch in range(start_epoch, cfg.train.epochs):
         loader.sampler.set_epoch(epoch)
-        for batch in loader:  # {"image": (B, C, X, Y, Z) float32, "label": (B, X, Y, Z) int64}
-            ...
+        for batch in loader:  # {"image": (B, C, X, Y, Z) float, "label": (B, X, Y, Z) uint8}
+            image = batch["image"].to(device, non_blocking=True).float()
+            label = batch["label"].to(device, non_blocking=True).long()
 
 Sample ``index`` of rank ``rank`` is a pure function of ``(train.seed, rank, index)``: its case,
 whether tumour is forced into it, its position and (with ``augment.device = loader``) its
@@ -14,6 +15,12 @@ therefore bit-identical for any ``num_workers`` (loader augmentation always runs
 thread), different on every DDP rank, and a run resumed at epoch ``e`` (or mid-epoch with
 ``set_epoch(e, start)``) continues with exactly the samples it would have seen. Cases are
 memory-mapped lazily inside each worker, so only the patches are read from disk.
+
+Dtypes are kept small on the way to the device: labels are uint8 (the consumer converts them to
+int64 where the loss needs it), and with ``augment.device = train`` the images keep the cache's
+dtype (``data.cache_dtype``: float16 halves the bytes through the worker queues and to the GPU;
+the consumer converts them to float32 on the device). With ``augment.device = loader`` the images
+are augmented, and returned, as float32.
 """
 from __future__ import annotations
 
@@ -35,8 +42,9 @@ PREFETCH_FACTOR = 4  # batches prepared ahead by each worker
 
 
 class PatchDataset(Dataset):
-    """Random training patches; ``dataset[index]`` is ``{"image": float32 (C, X, Y, Z),
-    "label": int64 (X, Y, Z)}`` determined by ``(cfg.train.seed, rank, index)``.
+    """Random training patches; ``dataset[index]`` is ``{"image": (C, X, Y, Z), "label": uint8
+    (X, Y, Z)}`` determined by ``(cfg.train.seed, rank, index)``. The image is float32 with
+    ``cfg.augment.device == "loader"``, else of the cache's dtype (see the module docstring).
 
     A case is drawn uniformly from ``case_ids``; with probability ``cfg.data.foreground_fraction``
     the patch is forced to contain a tumour voxel (class-aware, see ``choose_patch_start``).
@@ -64,9 +72,11 @@ class PatchDataset(Dataset):
         self.rank = int(rank)
         self.length = cfg.train.epochs * samples_per_epoch(cfg)
         self.augmenter = None
+        self.image_dtype = None  # the cache's: converted on the training device
         if cfg.augment.device == "loader":
             from datasets.augment import Augmenter
             self.augmenter = Augmenter(cfg.augment)
+            self.image_dtype = np.float32
         self._open: OrderedDict[str, CachedCase] = OrderedDict()
 
     def __len__(self) -> int:
@@ -78,8 +88,8 @@ class PatchDataset(Dataset):
         force_foreground = bool(rng.random() < self.foreground_fraction)
         start = choose_patch_start(case.classes.shape, self.patch_size, rng, case.class_locations,
                                    force_foreground)
-        image = torch.from_numpy(extract_patch(case.images, start, self.patch_size).astype(np.float32, copy=False))
-        label = torch.from_numpy(extract_patch(case.classes, start, self.patch_size).astype(np.int64))
+        image = torch.from_numpy(extract_patch(case.images, start, self.patch_size, dtype=self.image_dtype))
+        label = torch.from_numpy(extract_patch(case.classes, start, self.patch_size, dtype=np.uint8))
         if self.augmenter is not None:
             generator = torch.Generator().manual_seed(int(rng.integers(2**63)))
             with one_torch_thread():  # as in the workers: same floats for any num_workers

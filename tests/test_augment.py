@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+import datasets.augment as augment_module
 from datasets.augment import (AugmentConfigError, Augmenter, add_gaussian_noise, flip, gamma_transform,
                               gaussian_blur, random_displacement, rotation_matrix, sampling_grid,
                               spatial_transform)
@@ -366,6 +367,116 @@ def test_blur_matches_scipy_per_channel():
             # one kernel width for the batch: 3 sigma of the largest sigma
             expected = ndimage.gaussian_filter(image[b, c].numpy(), float(sigma[b, c]), mode="nearest", radius=3)
             assert np.allclose(out[b, c].numpy(), expected, atol=1e-10)
+
+
+def kernel_1d(sigma: float, radius: int) -> np.ndarray:
+    weights = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    return weights / weights.sum()
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 18, 13, 9), (1, 1, 12, 12, 12), (3, 2, 2, 7, 5)])
+def test_blur_float32_matches_scipy(shape):
+    """The CPU path (channels-last, a 2-D convolution per axis) against scipy in float64."""
+    image = torch.randn(*shape, generator=seeded(1)) * 2 + 1
+    sigma = 0.3 + 1.2 * torch.rand(shape[:2], generator=seeded(2), dtype=torch.float64)
+    radius = math.ceil(3 * float(sigma.max()))
+    before = image.clone()
+    out = gaussian_blur(image, sigma)
+    assert out.shape == image.shape and out.dtype == torch.float32 and out.is_contiguous()
+    assert torch.equal(image, before)
+    for b in range(shape[0]):
+        for c in range(shape[1]):
+            expected = image[b, c].double().numpy()
+            for axis in range(3):
+                expected = ndimage.convolve1d(expected, kernel_1d(float(sigma[b, c]), radius), axis=axis,
+                                              mode="nearest")
+            np.testing.assert_allclose(out[b, c].numpy(), expected, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_blur_of_a_step_along_one_axis_by_hand(axis):
+    """A step 0 -> 1 between voxels 2 and 3 along ``axis``: the blurred profile along that axis is
+    the 1-D kernel's cumulative sum (edges repeated), and nothing changes along the other axes."""
+    shape = [6, 7, 8]
+    profile = (np.arange(shape[axis]) >= 3).astype(np.float32)
+    view = [1, 1, 1]
+    view[axis] = shape[axis]
+    image = torch.from_numpy(np.broadcast_to(profile.reshape(view), shape).copy())[None, None]
+    out = gaussian_blur(image.expand(1, 2, *shape).clone(), torch.tensor([[1.0, 0.5]], dtype=torch.float64))
+    for channel, sigma in enumerate((1.0, 0.5)):
+        weights = kernel_1d(sigma, 3)  # radius 3 = 3 x the largest sigma, for both channels
+        padded = np.concatenate([np.zeros(3), profile, np.ones(3)])
+        expected = np.array([weights @ padded[i:i + 7] for i in range(shape[axis])])
+        result = out[0, channel].numpy()
+        np.testing.assert_allclose(np.moveaxis(result, axis, 0),
+                                   np.broadcast_to(expected[:, None, None], [shape[axis]] + shape[:axis]
+                                                   + shape[axis + 1:]), atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_blur_on_the_cpu_avoids_the_slow_convolution_kernels():
+    """A conv3d with its kernel along X ran PyTorch's reference kernel (aten::slow_conv3d), ~10x
+    slower than oneDNN; every pass must now run through oneDNN."""
+    image = torch.randn(2, 4, 12, 12, 12, generator=seeded(0))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        gaussian_blur(image, torch.full((2, 4), 0.8, dtype=torch.float64))
+    names = [event.key for event in profiler.key_averages()]
+    assert not [name for name in names if "slow_conv" in name]
+    assert sum(event.count for event in profiler.key_averages() if event.key == "aten::mkldnn_convolution") == 3
+
+
+def exact_std_mean(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample std and mean over the last axis with correctly rounded sums (math.fsum), float64."""
+    rows = x.double().reshape(-1, x.shape[-1]).tolist()
+    means = [math.fsum(row) / len(row) for row in rows]
+    stds = [math.sqrt(math.fsum((v - m) ** 2 for v in row) / (len(row) - 1)) for row, m in zip(rows, means)]
+    return (torch.tensor(stds, dtype=torch.float64).view(x.shape[:-1]),
+            torch.tensor(means, dtype=torch.float64).view(x.shape[:-1]))
+
+
+@pytest.mark.parametrize("dtype,offset,chunk", [
+    (torch.float32, 0.0, 2**17), (torch.float32, 0.3, 50), (torch.float32, 1000.0, 64),
+    (torch.float64, 5.0, 33), (torch.float16, 2.0, 40),
+])
+def test_std_mean_equals_torch_std_mean(monkeypatch, dtype, offset, chunk):
+    """The chunked two-pass statistics of gamma_transform equal exact ones to the dtype's
+    precision (the std at least as closely as ``torch.std_mean``), whatever the chunk size (also one
+    not dividing the voxel count), also for a channel whose mean is 10^6 times its std."""
+    monkeypatch.setattr(augment_module, "_STATS_CHUNK", chunk)
+    spread = torch.tensor([0.5, 2.0, 1e-3], dtype=torch.float64).view(1, 3, 1)
+    x = (torch.randn(2, 3, 1001, generator=seeded(4), dtype=torch.float64) * spread + offset).to(dtype)
+    std, mean = augment_module._std_mean(x)
+    exact_std, exact_mean = exact_std_mean(x)
+    assert std.dtype == mean.dtype == dtype and std.shape == mean.shape == (2, 3)
+    eps = torch.finfo(dtype).eps
+    assert torch.allclose(mean.double(), exact_mean, rtol=0, atol=eps * float(x.abs().max()))
+    assert torch.allclose(std.double(), exact_std, rtol=4 * eps, atol=0)
+    old_std, _ = torch.std_mean(x, dim=2)  # the std is no less accurate than torch's
+    assert ((std.double() - exact_std).abs() <= (old_std.double() - exact_std).abs() + eps * exact_std).all()
+
+
+@pytest.mark.parametrize("gamma_range", [(0.7, 1.5), (0.3, 3.0)])
+def test_gamma_equals_the_std_mean_formula(gamma_range):
+    """gamma_transform with retain_stats against the same formula written with torch.std_mean (the
+    previous implementation), in float32."""
+    image = torch.randn(3, 2, 24, 20, 16, generator=seeded(6)) * 1.5 + 0.3
+    image[1, 1] = 4.0  # a constant channel stays as it is
+    low, high = gamma_range
+    gamma = low + (high - low) * torch.rand(3, 2, generator=seeded(7), dtype=torch.float64)
+    flat = image.flatten(2)
+    mins, maxs = flat.amin(2), flat.amax(2)
+    span = (maxs - mins)[..., None, None, None]
+    unit = ((image - mins[..., None, None, None]) / span.clamp_min(1e-7)).clamp(0, 1)
+    powered = unit.pow(gamma.float()[..., None, None, None])
+    std, mean = torch.std_mean(flat, dim=2)
+    new_std, new_mean = torch.std_mean(powered.flatten(2), dim=2)
+    factor = (std / new_std)[..., None, None, None]
+    expected = (powered - new_mean[..., None, None, None]) * factor + mean[..., None, None, None]
+    expected[1, 1] = image[1, 1]
+    out = gamma_transform(image, gamma, retain_stats=True)
+    ulp = torch.finfo(torch.float32).eps * float(image.abs().max())
+    assert torch.allclose(out, expected, rtol=0, atol=8 * ulp)  # a few float32 roundings apart
+    assert torch.equal(out[1, 1], image[1, 1])
 
 
 def test_noise_has_the_drawn_standard_deviation():

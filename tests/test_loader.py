@@ -14,6 +14,9 @@ from datasets.loader import EpochSampler, PatchDataset, build_train_loader, init
 from datasets.synthetic import generate_dataset
 
 NO_AUGMENT = ["augment.device=train"]
+FLIPS_ONLY = ["augment.flip_prob=1.0", "augment.rotate_prob=0", "augment.scale_prob=0",
+              "augment.intensity_scale_prob=0", "augment.intensity_shift_prob=0", "augment.gamma_prob=0",
+              "augment.noise_prob=0", "augment.blur_prob=0", "augment.elastic_prob=0"]
 
 
 @pytest.fixture(scope="module")
@@ -48,22 +51,53 @@ def assert_same(a, b):
             assert torch.equal(ia, ib) and torch.equal(la, lb)
 
 
-def test_batch_shapes_and_dtypes(cache):
-    loader = build_train_loader(cache, cache.case_ids, make_cfg(cache, *NO_AUGMENT))
+@pytest.fixture(scope="module")
+def half_cache(cache):
+    """The same cases cached as float16 (a sibling cache folder)."""
+    return prepare_cache(make_cfg(cache, "data.cache_dtype=float16").data, show_progress=False)
+
+
+@pytest.mark.parametrize("cache_dtype,augment,image_dtype", [
+    ("float32", "train", torch.float32), ("float32", "loader", torch.float32),
+    ("float16", "train", torch.float16), ("float16", "loader", torch.float32),
+])
+def test_batch_shapes_and_dtypes(cache, half_cache, cache_dtype, augment, image_dtype):
+    """Labels leave as uint8; images keep the cache's dtype unless augmented in the loader."""
+    source = half_cache if cache_dtype == "float16" else cache
+    cfg = make_cfg(source, f"data.cache_dtype={cache_dtype}", f"augment.device={augment}")
+    loader = build_train_loader(source, source.case_ids, cfg)
     batches = list(loader)
     assert len(batches) == 3 and len(loader) == 3
     for batch in batches:
-        assert batch["image"].shape == (2, 4, 16, 16, 16) and batch["image"].dtype == torch.float32
-        assert batch["label"].shape == (2, 16, 16, 16) and batch["label"].dtype == torch.int64
+        assert batch["image"].shape == (2, 4, 16, 16, 16) and batch["image"].dtype == image_dtype
+        assert batch["label"].shape == (2, 16, 16, 16) and batch["label"].dtype == torch.uint8
         assert set(batch["label"].unique().tolist()) <= {0, 1, 2, 3}
 
 
-@pytest.mark.parametrize("augment", ["train", "loader"])
-def test_same_batches_for_any_number_of_workers(cache, augment):
+def test_float16_patches_are_the_cached_values(cache, half_cache):
+    """float16 cache: the patch (train) is the cache's values, and the same patch cast to float32
+    when augmented in the loader (flips only, probability 1); labels equal the float32 cache's."""
+    plain = PatchDataset(half_cache, half_cache.case_ids, make_cfg(half_cache, "data.cache_dtype=float16",
+                                                                   *NO_AUGMENT))
+    flipped = PatchDataset(half_cache, half_cache.case_ids, make_cfg(half_cache, "data.cache_dtype=float16",
+                                                                     "augment.device=loader", *FLIPS_ONLY))
+    full = PatchDataset(cache, cache.case_ids, make_cfg(cache, *NO_AUGMENT))
+    for index in range(4):
+        p, f, reference = plain[index], flipped[index], full[index]
+        assert p["image"].dtype == torch.float16 and f["image"].dtype == torch.float32
+        assert torch.equal(f["image"], p["image"].float().flip(1, 2, 3))
+        assert torch.equal(p["image"], reference["image"].half())  # same patch as from the float32 cache
+        assert torch.equal(p["label"], reference["label"]) and torch.equal(f["label"], p["label"].flip(0, 1, 2))
+
+
+@pytest.mark.parametrize("augment,cache_dtype", [("train", "float32"), ("loader", "float32"), ("train", "float16")])
+def test_same_batches_for_any_number_of_workers(cache, half_cache, augment, cache_dtype):
+    source = half_cache if cache_dtype == "float16" else cache
     runs = []
     for workers in (0, 2):
-        cfg = make_cfg(cache, f"augment.device={augment}", f"data.num_workers={workers}")
-        runs.append(epochs(build_train_loader(cache, cache.case_ids, cfg), [0, 1]))
+        cfg = make_cfg(source, f"augment.device={augment}", f"data.num_workers={workers}",
+                       f"data.cache_dtype={cache_dtype}")
+        runs.append(epochs(build_train_loader(source, source.case_ids, cfg), [0, 1]))
     assert_same(*runs)
 
 
@@ -117,16 +151,13 @@ def test_sample_depends_only_on_seed_rank_index(cache):
 
 def test_loader_augmentation_is_applied(cache):
     """With only flips (probability 1), the augmented sample is the plain sample flipped on all axes."""
-    flips_only = ["augment.flip_prob=1.0", "augment.rotate_prob=0", "augment.scale_prob=0",
-                  "augment.intensity_scale_prob=0", "augment.intensity_shift_prob=0", "augment.gamma_prob=0",
-                  "augment.noise_prob=0", "augment.blur_prob=0", "augment.elastic_prob=0"]
     plain = PatchDataset(cache, cache.case_ids, make_cfg(cache, *NO_AUGMENT))
-    flipped = PatchDataset(cache, cache.case_ids, make_cfg(cache, "augment.device=loader", *flips_only))
+    flipped = PatchDataset(cache, cache.case_ids, make_cfg(cache, "augment.device=loader", *FLIPS_ONLY))
     for index in range(4):
         p, f = plain[index], flipped[index]
         assert torch.equal(f["image"], p["image"].flip(1, 2, 3))
         assert torch.equal(f["label"], p["label"].flip(0, 1, 2))
-        assert f["image"].is_contiguous() and f["label"].dtype == torch.int64
+        assert f["image"].is_contiguous() and f["label"].is_contiguous() and f["label"].dtype == torch.uint8
 
 
 def test_patch_larger_than_case_is_padded(cache):

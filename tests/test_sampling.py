@@ -134,3 +134,80 @@ def test_forced_without_any_tumour_falls_back_to_random():
     starts = [choose_patch_start((20, 20, 20), (8, 8, 8), rng, empty, True) for _ in range(200)]
     assert all(0 <= s <= 12 for start in starts for s in start)
     assert len(set(starts)) > 150
+
+
+# ---------------------------------------------------------------------------------------------
+# extract_patch: the output dtype (cast while copying) and the padding.
+# ---------------------------------------------------------------------------------------------
+def reference_patch(array, start, patch, pad_value, dtype):
+    """Voxel by voxel: the array's value where the patch voxel is inside it, else ``pad_value``."""
+    out = np.zeros(array.shape[:-3] + tuple(patch), dtype=dtype)
+    for i, j, k in np.ndindex(*patch):
+        x, y, z = start[0] + i, start[1] + j, start[2] + k
+        inside = all(0 <= v < n for v, n in zip((x, y, z), array.shape[-3:]))
+        out[..., i, j, k] = array[..., x, y, z] if inside else pad_value
+    return out
+
+
+POSITIONS = {
+    "inside": (1, 0, 2),
+    "partly outside, low side": (-2, 1, -1),
+    "partly outside, high side": (3, 2, 4),
+    "larger than the array": (-1, -1, -1),
+    "fully outside": (1, 9, 0),
+    "fully outside, negative": (-4, 0, 0),
+}
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+@pytest.mark.parametrize("source,target", [
+    (np.float16, np.float32), (np.float32, np.float16), (np.float32, np.float32), (np.float16, None),
+    (np.uint8, np.uint8), (np.uint8, np.int64), (np.float32, np.float64), (">f2", np.float32),
+])
+def test_extract_patch_dtype_and_padding(position, source, target):
+    array = np.arange(2 * 5 * 4 * 6).reshape(2, 5, 4, 6) % 97
+    if np.dtype(source).kind == "f":
+        array = array / 8 - 3  # fractions exact in float16
+    array = array.astype(source)
+    assert array.dtype == np.dtype(source)
+    patch = (4, 3, 5) if position != "larger than the array" else (8, 7, 9)
+    start = POSITIONS[position]
+    out = extract_patch(array, start, patch, pad_value=7, dtype=target)
+    expected = reference_patch(array, start, patch, 7, target or source)
+    assert out.dtype == np.dtype(target or source) and out.shape == (2, *patch)
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_extract_patch_hand_computed_cast():
+    """A 1 x 2 x 2 x 2 float16 volume, patch (2, 2, 3) starting at (1, -1, 0) as float32: the
+    x = 1 slab, shifted by one along y, z = 2 outside; padding -1."""
+    volume = np.array([[[[0.5, 1.5], [2.5, 3.5]], [[4.5, 5.5], [6.5, 7.5]]]], dtype=np.float16)
+    out = extract_patch(volume, (1, -1, 0), (2, 2, 3), pad_value=-1, dtype=np.float32)
+    expected = np.array([[[[-1, -1, -1], [4.5, 5.5, -1]],
+                          [[-1, -1, -1], [-1, -1, -1]]]], dtype=np.float32)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("source,target", [(np.float16, np.float32), (np.float32, np.float16)])
+def test_extract_patch_float_casts_match_numpy(source, target):
+    """Float casts go through torch: same values as numpy's cast, special values included
+    (float16 subnormals, rounding to nearest even, overflow to inf, nan)."""
+    with np.errstate(over="ignore"):  # the overflows to inf are wanted
+        values = np.array([0.1, -2.5e-7, 6e-8, 1 / 3, 65519.0, 65520.0, 7e4, -np.inf, np.nan, 0.0,
+                           -0.0, 2049.0, 2051.0, 1e-3, -1e5, 3.14159], dtype=np.float32).astype(source)
+        array = np.resize(values, 2 * 4 * 4 * 4).reshape(2, 4, 4, 4)
+        expected = array[:, :, :3, 1:].astype(target)
+    out = extract_patch(array, (0, -1, 1), (4, 4, 4), dtype=target)
+    np.testing.assert_array_equal(out[:, :, 1:, :3], expected)
+    assert np.array_equal(np.signbit(out[:, :, 1:, :3]), np.signbit(expected))
+    assert (out[:, :, 0] == 0).all() and (out[..., 3] == 0).all()
+
+
+def test_extract_patch_with_a_cast_reads_only_the_patch():
+    volume = np.random.default_rng(1).random((2, 20, 20, 20)).astype(np.float16)
+    recorder = RecordingArray(volume)
+    out = extract_patch(recorder, (15, -3, 4), (8, 8, 8), dtype=np.float32)
+    assert recorder.keys == [(slice(None), slice(15, 20), slice(0, 5), slice(4, 12))]
+    np.testing.assert_array_equal(out[:, :5, 3:], volume[:, 15:, :5, 4:12].astype(np.float32))
+    assert (out[:, 5:] == 0).all() and (out[:, :, :3] == 0).all()
