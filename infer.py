@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     models, cfg, convention, mode = load_models(args.checkpoint, "cpu")
     cfg = override_infer_config(cfg, args.overrides)
     device = resolve_device(cfg.infer.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every window has the same shape: autotune once
     models = [m.to(device) for m in models]
     cases = discover_cases(input_dir)
     output.mkdir(parents=True, exist_ok=True)

@@ -131,7 +131,7 @@ def train(cfg, info: dist.DistInfo, resume: dict | None, started: float) -> int:
     iters = cfg.train.iters_per_epoch
     total_iters = cfg.train.epochs * iters
     schedule = LRSchedule(optimizer, cfg.train.schedule, total_iters, cfg.train.warmup_epochs * iters, cfg.train.lr)
-    amp_dtype = AMP_DTYPES[cfg.train.precision]
+    amp_dtype = dist.autocast_dtype(AMP_DTYPES[cfg.train.precision], device)  # bf16 -> fp16 before Ampere
     if device.type == "cpu" and amp_dtype is torch.float16:
         amp_dtype = None  # CPU: fp32 unless bf16 is asked for
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
@@ -197,9 +197,9 @@ def train(cfg, info: dist.DistInfo, resume: dict | None, started: float) -> int:
             out_of_time = is_main and cfg.train.time_limit > 0 and \
                 time.perf_counter() - started > 60 * cfg.train.time_limit
             stats = dist.all_reduce_sum(torch.stack([loss.detach().float(), grad_norm.detach().float(),
-                                                     torch.tensor(float(out_of_time), device=device)]))
-            loss_value, grad_value, stop_votes = (stats / torch.tensor([info.world_size, info.world_size, 1],
-                                                                      device=device)).tolist()
+                                                     torch.full((), float(out_of_time), device=device)]))
+            loss_sum, grad_sum, stop_votes = stats.tolist()
+            loss_value, grad_value = loss_sum / info.world_size, grad_sum / info.world_size
             finite = math.isfinite(loss_value) and (scaler.is_enabled() or math.isfinite(grad_value))
             if finite:
                 scaler.step(optimizer)
@@ -230,6 +230,7 @@ def train(cfg, info: dist.DistInfo, resume: dict | None, started: float) -> int:
                     scalars["train/loss"] = window_loss / window_steps
                 if device.type == "cuda":
                     scalars["train/gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    torch.cuda.reset_peak_memory_stats(device)  # the next value: the peak of its own window
                 logger.scalars(scalars, iteration)
                 window_loss, window_steps = 0.0, 0
             if stop_votes > 0:

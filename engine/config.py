@@ -125,7 +125,7 @@ class TrainConfig:
     schedule: Literal["poly", "cosine"] = "poly"  # poly = (1 - t)^0.9; cosine = warmup + cosine
     warmup_epochs: int = 0  # linear warmup epochs (both schedules)
     grad_clip: float = 12.0  # max gradient norm (0 = off)
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast dtype on CUDA (CPU runs fp32 unless bf16)
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast dtype on CUDA (CPU runs fp32 unless bf16; fp16 before Ampere)
     channels_last: bool = True  # channels_last_3d memory format (faster convolutions on CUDA and CPU)
     compile: bool = False  # torch.compile the model (CUDA)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -144,7 +144,7 @@ class InferConfig:
     overlap: float = 0.5  # sliding-window overlap fraction in [0, 1)
     sw_batch_size: int = 4  # windows per forward pass (x8 inputs with tta: each window's 8 flips share the pass)
     tta: bool = False  # mirror test-time augmentation over all 8 axis flips
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast dtype on CUDA
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast dtype on CUDA (fp16 before Ampere)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     gaussian_sigma: float = 0.125  # Gaussian importance sigma as a fraction of the window
     region_threshold: float = 0.5  # sigmoid threshold for region outputs

@@ -11,6 +11,8 @@ single process (rank 0 of 1). Every helper below is a no-op in a single process.
 from __future__ import annotations
 
 import datetime
+import functools
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +22,7 @@ import torch.distributed as dist
 
 from engine.errors import UserError
 
+log = logging.getLogger(__name__)
 # Generous: rank 0 alone builds the data cache and writes checkpoints while the others wait.
 TIMEOUT = datetime.timedelta(minutes=120)
 
@@ -57,12 +60,28 @@ def resolve_device(name: str, local_rank: int = 0, key: str = "train.device") ->
         if not torch.cuda.is_available():
             raise UserError(f"{key}: {name!r} requested but CUDA is not available")
         if device.index is None:
-            device = torch.device("cuda", local_rank)
+            # cuda:LOCAL_RANK; where each process sees only its own GPU (SLURM --gpus-per-task=1), cuda:0
+            device = torch.device("cuda", 0 if torch.cuda.device_count() == 1 else local_rank)
         if device.index >= torch.cuda.device_count():
             raise UserError(f"{key}: {device} does not exist ({torch.cuda.device_count()} GPUs)")
     elif device.type != "cpu":
         raise UserError(f"{key}: unsupported device {name!r} (use auto, cpu, cuda or cuda:N)")
     return device
+
+
+def autocast_dtype(dtype: torch.dtype | None, device: torch.device) -> torch.dtype | None:
+    """The autocast ``dtype`` to use on ``device``: bf16 becomes fp16 on GPUs older than Ampere
+    (compute capability < 8.0), where cuDNN has no bf16 convolutions; a warning says so once."""
+    if dtype is torch.bfloat16 and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        _warn_once(f"{torch.cuda.get_device_name(device)} has no bf16 convolutions (needs compute capability "
+                   ">= 8.0): using fp16 autocast instead (with loss scaling when training)")
+        return torch.float16
+    return dtype
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    log.warning(message)
 
 
 def setup(device_name: str = "auto") -> DistInfo:
@@ -71,6 +90,9 @@ def setup(device_name: str = "auto") -> DistInfo:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world_size > 1 and device_name.startswith("cuda:"):
+        raise UserError(f"train.device: {device_name!r} would put all {world_size} processes on one GPU; "
+                        "use auto or cuda with torchrun (each process takes cuda:LOCAL_RANK)")
     device = resolve_device(device_name, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import logging
 import math
 from typing import Callable, Sequence
 
@@ -29,6 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from datasets.labels import logits_to_probabilities
+from engine.distributed import autocast_dtype
+
+log = logging.getLogger(__name__)
 
 # spatial dims of a (B, C, X, Y, Z) batch flipped by each of the 8 mirror TTA combinations
 FLIP_DIMS: tuple[tuple[int, ...], ...] = tuple(
@@ -159,7 +163,7 @@ def _predict_batch(model, image: torch.Tensor, starts, window, flips, mode, devi
             # alone (measured, bench/inference.py), so run one flip group at a time there
             logits = torch.cat([model(group) for group in inputs.split(b)])
         else:
-            logits = model(inputs)
+            logits = _forward_or_split(model, inputs, b)
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"the model returned {type(logits).__name__}, expected a tensor "
                         "(call model.eval() to disable deep-supervision outputs)")
@@ -176,8 +180,22 @@ def _predict_batch(model, image: torch.Tensor, starts, window, flips, mode, devi
     return total.mul_(weight / len(flips))
 
 
+def _forward_or_split(model, inputs: torch.Tensor, group: int) -> torch.Tensor:
+    """``model(inputs)``; if that runs out of GPU memory (windows x 8 flips in one pass), again one
+    group of ``group`` inputs at a time (a warning says so)."""
+    try:
+        return model(inputs)
+    except torch.OutOfMemoryError:
+        if inputs.shape[0] <= group:
+            raise
+    torch.cuda.empty_cache()
+    log.warning("out of GPU memory with %d windows in one pass: running %d at a time (lower "
+                "infer.sw_batch_size to avoid the retry)", inputs.shape[0], group)
+    return torch.cat([model(part) for part in inputs.split(group)])
+
+
 def _autocast(device: torch.device, precision: str):
-    dtype = _AUTOCAST_DTYPES[precision]
+    dtype = autocast_dtype(_AUTOCAST_DTYPES[precision], device)  # bf16 -> fp16 before Ampere
     if device.type == "cuda" and dtype is not None:
         return torch.autocast(device_type="cuda", dtype=dtype)
     return contextlib.nullcontext()

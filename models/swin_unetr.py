@@ -76,8 +76,9 @@ def relative_position_index(window: Sequence[int], table_window: Sequence[int], 
     coords = torch.stack(torch.meshgrid(*[torch.arange(w, device=device) for w in window], indexing="ij")).flatten(1)
     offset = coords[:, :, None] - coords[:, None, :]  # (3, N, N), in [-(w - 1), w - 1]
     sizes = [2 * t - 1 for t in table_window]
-    offset = offset + torch.tensor([t - 1 for t in table_window], device=device)[:, None, None]
-    return (offset[0] * sizes[1] + offset[1]) * sizes[2] + offset[2]
+    # shift each offset to [0, 2t - 2] with Python ints: no host-to-device copy (a GPU sync) per forward pass
+    dx, dy, dz = (offset[i] + (t - 1) for i, t in enumerate(table_window))
+    return (dx * sizes[1] + dy) * sizes[2] + dz
 
 
 def attention_allowed(size: Sequence[int], window: Sequence[int], shift: Sequence[int], pad: Sequence[int],

@@ -218,3 +218,32 @@ def test_rejects_bad_image_and_model_outputs():
 def test_every_flip_combination_once():
     assert len(FLIP_DIMS) == 8 and len(set(FLIP_DIMS)) == 8
     assert set(FLIP_DIMS) == {d for n in range(4) for d in itertools.combinations((2, 3, 4), n)}
+
+
+class OutOfMemoryAbove(nn.Module):
+    """Doubles its input; raises the CUDA out-of-memory error for batches larger than ``limit``."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit, self.batches = limit, []
+
+    def forward(self, x):
+        self.batches.append(x.shape[0])
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return 2 * x
+
+
+def test_out_of_memory_retries_one_group_at_a_time(caplog):
+    from engine.sliding_window import _forward_or_split
+    model, inputs = OutOfMemoryAbove(limit=2), torch.arange(16.0).reshape(8, 2)
+    out = _forward_or_split(model, inputs, group=2)
+    assert torch.equal(out, 2 * inputs)
+    assert model.batches == [8, 2, 2, 2, 2]
+    assert "out of GPU memory with 8 windows in one pass: running 2 at a time" in caplog.text
+
+
+def test_out_of_memory_of_a_single_group_is_raised():
+    from engine.sliding_window import _forward_or_split
+    with pytest.raises(torch.OutOfMemoryError):
+        _forward_or_split(OutOfMemoryAbove(limit=1), torch.zeros(2, 3), group=2)

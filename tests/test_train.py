@@ -301,6 +301,41 @@ def test_resolve_device_rejects_bad_names(name, match):
         resolve_device(name)
 
 
+@pytest.mark.parametrize("gpus, local_rank, expected", [(4, 3, 3), (4, 0, 0), (1, 3, 0), (1, 0, 0)])
+def test_resolve_device_takes_the_local_rank_gpu(monkeypatch, gpus, local_rank, expected):
+    """``cuda`` -> cuda:LOCAL_RANK, or cuda:0 where each process sees one GPU (SLURM)."""
+    from engine.distributed import resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    assert resolve_device("cuda", local_rank) == torch.device("cuda", expected)
+
+
+def test_setup_rejects_one_explicit_gpu_for_several_processes(monkeypatch):
+    from engine import distributed as dist
+    from engine.errors import UserError
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(UserError, match="'cuda:0' would put all 2 processes on one GPU"):
+        dist.setup("cuda:0")
+
+
+@pytest.mark.parametrize("device, capability, dtype, expected", [
+    ("cuda", (7, 0), torch.bfloat16, torch.float16),   # V100: no bf16 convolutions
+    ("cuda", (7, 5), torch.bfloat16, torch.float16),   # T4
+    ("cuda", (8, 0), torch.bfloat16, torch.bfloat16),  # A100
+    ("cuda", (9, 0), torch.bfloat16, torch.bfloat16),  # H100
+    ("cuda", (7, 0), torch.float16, torch.float16),
+    ("cuda", (7, 0), None, None),
+    ("cpu", None, torch.bfloat16, torch.bfloat16),
+])
+def test_autocast_dtype_falls_back_to_fp16_before_ampere(monkeypatch, device, capability, dtype, expected):
+    from engine import distributed as dist
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    assert dist.autocast_dtype(dtype, torch.device(device)) is expected
+
+
 def test_progress_plain_lines_off_a_terminal():
     from engine.logger import Progress
     stream = io.StringIO()
