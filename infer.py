@@ -13,7 +13,9 @@ input's affine and header. Labels follow ``infer.output_convention``: by default
 convention (ET=4 for 2018-2021 data, ET=3 for 2023+), read from its seg file or else its file
 names, and the checkpoint's training convention when neither tells.
 
-Existing outputs are kept (and still evaluated) unless ``--overwrite``. When a case has a seg
+Cases are pipelined: while one is predicted, the next is read and preprocessed and the previous
+one written and scored, in two background threads. Existing outputs are kept (and still
+evaluated) unless ``--overwrite``. When a case has a seg
 file, per-case metrics go to ``OUTPUT/metrics.json`` and ``OUTPUT/metrics.csv`` (the format of
 ``evaluate.py``) and the summary table is printed. ``--save-probabilities`` also writes
 ``OUTPUT/<case_id>_probs.nii.gz`` (4D, channel last); ``--png`` a picture of three orthogonal slices
@@ -25,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 import struct
 import sys
 import time
@@ -49,6 +53,7 @@ from engine.predict import load_models, override_infer_config, predict_case, res
 from metrics import aggregate, case_metrics, evaluate_files, format_table, write_report
 
 # file-name suffixes that identify each release's naming (and so its label convention)
+PENDING_WRITES = 2  # predicted cases waiting for the writer thread before the prediction loop waits
 NAMING_CONVENTIONS = {"2021": {"t1", "t1ce", "t2", "flair"}, "2023": {"t1n", "t1c", "t2w", "t2f"}}
 
 
@@ -98,26 +103,16 @@ def main(argv: list[str] | None = None) -> int:
         f"tta={'on' if cfg.infer.tta else 'off'}, window {list(cfg.data.patch_size)}")
 
     start = time.perf_counter()
-    written, skipped, failures = 0, 0, []
-    for case in tqdm(cases, desc="infer", unit="case", disable=None):
+    todo, skipped = [], 0
+    for case in cases:
         seg_path = output / f"{case.case_id}.nii.gz"
         if seg_path.exists() and not args.overwrite:
             skipped += 1
             say(f"{case.case_id}: {seg_path} exists, skipped (--overwrite to replace)")
             evaluate_existing(run, case, seg_path)
-            continue
-        try:
-            timing = predict_one(run, case, seg_path)
-        except Exception as err:
-            if len(cases) == 1:
-                raise  # a single bad case is bad input: run_cli prints one line, exit 2
-            message = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
-            failures.append((case.case_id, message))
-            say(f"{case.case_id}: FAILED: {message}")
-            continue
-        written += 1
-        say(f"{case.case_id}: written in {sum(timing.values()):.1f} s "
-            f"({', '.join(f'{k} {v:.1f}' for k, v in timing.items())})")
+        else:
+            todo.append((case, seg_path))
+    written, failures = predict_all(run, todo, raise_errors=len(cases) == 1)
 
     if run.per_case:
         report_metrics(run)
@@ -147,36 +142,112 @@ def check_paths(input_dir: Path, output: Path) -> None:
                         "(the input is never written to)")
 
 
-def predict_one(run: Run, case: Case, seg_path: Path) -> dict[str, float]:
-    """Read, preprocess, predict, post-process and write one case; returns seconds per step."""
-    cfg, timing = run.cfg, {}
+def predict_all(run: Run, todo: list[tuple[Case, Path]], raise_errors: bool) -> tuple[int, list[tuple[str, str]]]:
+    """Predict and write every ``(case, seg_path)``: ``(written, [(case_id, error), ...])``.
+
+    A pipeline, as in nnU-Net: while case ``i`` is predicted, case ``i + 1`` is read and
+    preprocessed and case ``i - 1`` written (and scored) in background threads, so the device does
+    not wait for file I/O (at most ``PENDING_WRITES`` cases wait to be written). A failing case is
+    reported and skipped; with ``raise_errors`` (a single case) its error is raised instead.
+    """
+    written, failures, writes = 0, [], deque()
+
+    def fail(case: Case, err: Exception) -> None:
+        if raise_errors:
+            raise err
+        message = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
+        failures.append((case.case_id, message))
+        say(f"{case.case_id}: FAILED: {message}")
+
+    def finish_oldest() -> None:
+        nonlocal written
+        case, timing, future = writes.popleft()
+        try:
+            timing.update(future.result())
+        except Exception as err:
+            fail(case, err)
+            return
+        written += 1
+        say(f"{case.case_id}: written in {sum(timing.values()):.1f} s "
+            f"({', '.join(f'{k} {v:.1f}' for k, v in timing.items())})")
+
+    with ThreadPoolExecutor(1, thread_name_prefix="read") as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
+        reads = [reader.submit(read_stage, run, todo[0][0])] if todo else []
+        for i, (case, seg_path) in enumerate(tqdm(todo, desc="infer", unit="case", disable=None)):
+            if i + 1 < len(todo):
+                reads.append(reader.submit(read_stage, run, todo[i + 1][0]))
+            try:
+                loaded = reads[i].result()
+                reads[i] = None  # keep at most two cases' images in memory
+                classes, probs, seconds = predict_stage(run, loaded)
+            except Exception as err:
+                fail(case, err)
+                continue
+            future = writer.submit(write_stage, run, loaded, classes, probs, seg_path)
+            writes.append((case, {"read": loaded.seconds, "predict": seconds}, future))
+            while writes and (writes[0][2].done() or len(writes) > PENDING_WRITES):
+                finish_oldest()
+        while writes:
+            finish_oldest()
+    return written, failures
+
+
+@dataclass
+class Loaded:
+    """One case read and preprocessed."""
+
+    case: Case
+    images: np.ndarray  # (C, X, Y, Z) float32 as read (for the PNG overlay)
+    crop_images: np.ndarray  # (C, x, y, z) brain crop, z-scored
+    geometry: Geometry  # with the crop box and the output convention
+    ref_classes: np.ndarray | None  # (X, Y, Z) training classes of a usable seg file
+    out_convention: str
+    seconds: float
+
+
+def read_stage(run: Run, case: Case) -> Loaded:
+    """Read the case's files and apply the training preprocessing."""
     tick = time.perf_counter()
-    images, seg, geometry = read_case(case, cfg.data.modalities, with_label=True)
+    images, seg, geometry = read_case(case, run.cfg.data.modalities, with_label=True)
     has_reference, seg_convention = reference_convention(case, seg)
-    out_convention = output_convention(cfg.infer.output_convention, case, seg_convention, run.convention)
+    out_convention = output_convention(run.cfg.infer.output_convention, case, seg_convention, run.convention)
     crop_images, _, geometry = preprocess_case(images, None, geometry, out_convention)
-    timing["read"], tick = time.perf_counter() - tick, time.perf_counter()
-
-    probs = predict_case(run.models, crop_images, cfg.infer, cfg.data.patch_size, run.mode, run.device)
-    classes = probabilities_to_classes(probs, run.mode, cfg.infer.region_threshold).cpu().numpy()
-    classes = postprocess(classes, cfg.infer)
-    timing["predict"], tick = time.perf_counter() - tick, time.perf_counter()
-
-    write_segmentation(classes_to_labels(classes, out_convention), geometry, seg_path)
-    if run.args.save_probabilities:
-        full = full_probabilities(probs.cpu().numpy(), geometry, run.mode)
-        write_probabilities(full, geometry, run.output / f"{case.case_id}_probs.nii.gz")
-    full_classes = uncrop(classes, geometry)
     # an ET-free reference reads the same in both conventions
     ref_classes = labels_to_classes(seg, seg_convention or out_convention) if has_reference else None
-    if run.args.png:
-        write_overlay_png(run.output / f"{case.case_id}.png", images[overlay_channel(cfg.data.modalities)],
-                          full_classes, ref_classes, geometry.affine)
-    timing["write"], tick = time.perf_counter() - tick, time.perf_counter()
+    return Loaded(case, images, crop_images, geometry, ref_classes, out_convention, time.perf_counter() - tick)
 
-    if ref_classes is not None:
+
+def predict_stage(run: Run, loaded: Loaded) -> tuple[np.ndarray, np.ndarray | None, float]:
+    """``(classes (x, y, z) uint8 post-processed, probabilities (K, x, y, z) if they are saved,
+    seconds)`` of the cropped case."""
+    tick = time.perf_counter()
+    cfg = run.cfg
+    probs = predict_case(run.models, loaded.crop_images, cfg.infer, cfg.data.patch_size, run.mode, run.device)
+    classes = probabilities_to_classes(probs, run.mode, cfg.infer.region_threshold).cpu().numpy()
+    classes = postprocess(classes, cfg.infer)
+    kept = probs.cpu().numpy() if run.args.save_probabilities else None
+    return classes, kept, time.perf_counter() - tick
+
+
+def write_stage(run: Run, loaded: Loaded, classes: np.ndarray, probs: np.ndarray | None,
+                seg_path: Path) -> dict[str, float]:
+    """Write the mask (and probabilities / PNG), then score it; returns seconds per step."""
+    tick = time.perf_counter()
+    case, geometry, cfg = loaded.case, loaded.geometry, run.cfg
+    write_segmentation(classes_to_labels(classes, loaded.out_convention), geometry, seg_path)
+    if probs is not None:
+        write_probabilities(full_probabilities(probs, geometry, run.mode), geometry,
+                            run.output / f"{case.case_id}_probs.nii.gz")
+    full_classes = uncrop(classes, geometry)
+    if run.args.png:
+        write_overlay_png(run.output / f"{case.case_id}.png", loaded.images[overlay_channel(cfg.data.modalities)],
+                          full_classes, loaded.ref_classes, geometry.affine)
+    timing = {"write": time.perf_counter() - tick}
+    if loaded.ref_classes is not None:
+        tick = time.perf_counter()
         run.per_case[case.case_id] = case_metrics(
-            full_classes, ref_classes, geometry.spacing, cfg.metrics.convention, hd95=True,
+            full_classes, loaded.ref_classes, geometry.spacing, cfg.metrics.convention, hd95=True,
             dilation=cfg.metrics.lesion_dilation, min_volume=cfg.metrics.lesion_min_volume)
         timing["metrics"] = time.perf_counter() - tick
     return timing

@@ -11,7 +11,7 @@ to a work folder, then timed:
 - ``cache_build_<dtype>``: ``datasets.cache.build_case`` (read + preprocess + write .npy) per case;
 - ``cache_patch_read``: what a loader worker does per sample without augmentation: open the
   memory-mapped case, choose a random patch start (a third forced onto tumour) and copy the image
-  (float32) and class (int64) patch out, at a random place each call.
+  (float32, as the loader hands it to CPU augmentation) and class (uint8) patch out, at a random place each call.
 ``*_cold`` variants first drop the files from the OS page cache (``posix_fadvise(DONTNEED)``), as
 when the dataset does not fit in RAM; the others read from the page cache. With MONAI:
 ``LoadImaged`` + ``EnsureChannelFirstd`` of the same files (its NIfTI reader), and reading one
@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                 cached = index.load(case.case_id, mmap=True)  # as a worker opening the case
                 start = choose_patch_start(cached.classes.shape, args.patch, rng, cached.class_locations,
                                            bool(rng.random() < FOREGROUND_FRACTION))
-                image = extract_patch(cached.images, start, args.patch).astype(np.float32, copy=False)
-                label = extract_patch(cached.classes, start, args.patch).astype(np.int64)
+                image = extract_patch(cached.images, start, args.patch, dtype=np.float32)  # as the loader
+                label = extract_patch(cached.classes, start, args.patch)  # uint8
                 return image, label
 
             timed(f"cache_patch_read_{dtype}", lambda: read_patch(False), repeats=args.patch_repeats)

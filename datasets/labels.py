@@ -137,5 +137,17 @@ def probabilities_to_classes(probs: Any, mode: str, threshold: float = 0.5) -> A
     if mode == "regions":
         return regions_to_classes(probs, threshold)
     if isinstance(probs, torch.Tensor):
-        return probs.argmax(dim=0).to(torch.uint8)
-    return np.asarray(probs).argmax(axis=0).astype(np.uint8)
+        return _argmax_channels(probs)
+    return _argmax_channels(torch.from_numpy(np.ascontiguousarray(probs))).numpy()
+
+
+def _argmax_channels(probs: torch.Tensor) -> torch.Tensor:
+    """``probs.argmax(dim=0)`` as uint8 (ties -> the lowest class), one channel at a time: with a
+    few channels this is ~10x faster on the CPU than torch's strided reduction over dim 0."""
+    best = probs[0].clone()
+    classes = torch.zeros(probs.shape[1:], dtype=torch.uint8, device=probs.device)
+    for k in range(1, probs.shape[0]):
+        higher = probs[k] > best
+        classes.masked_fill_(higher, k)
+        torch.maximum(best, probs[k], out=best)
+    return classes

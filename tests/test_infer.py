@@ -10,6 +10,7 @@ import math
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 import infer
+from datasets.io import Case
 from datasets.labels import classes_to_labels
 from datasets.preprocess import brain_mask, zscore_in_mask
 from engine.checkpoint import save_checkpoint
@@ -322,6 +324,36 @@ def test_corrupt_case_among_good_ones(tmp_path, threshold_net, capsys):
     captured = capsys.readouterr()
     assert "2 written, 0 skipped, 1 failed" in captured.out
     assert "1 of 3 cases failed" in captured.err and ids[1] in captured.err and "flair" in captured.err
+
+
+@pytest.mark.parametrize("stage", ["read_stage", "predict_stage", "write_stage"])
+def test_pipeline_failure_in_any_stage_skips_only_that_case(tmp_path, threshold_net, capsys, monkeypatch, stage):
+    """Cases are read ahead and written behind the prediction (threads); a failure in any stage
+    fails its own case only, and the report keeps the case order."""
+    ckpt = threshold_checkpoint(tmp_path / "model.pt")
+    ids = [case_id("2021", i) for i in range(5)]
+    for i, cid in enumerate(ids):
+        write_case(tmp_path / "data", cid, seed=i, seg_convention="2021")
+    original = getattr(infer, stage)
+
+    def flaky(run, first, *rest):
+        loaded_case = first if isinstance(first, Case) else first.case
+        if loaded_case.case_id == ids[2]:
+            raise RuntimeError(f"simulated {stage} failure")
+        if stage == "write_stage":
+            time.sleep(0.05)  # a slow writer: the prediction loop runs ahead, then waits
+        return original(run, first, *rest)
+
+    monkeypatch.setattr(infer, stage, flaky)
+    out = tmp_path / "out"
+    assert run_main(["--checkpoint", ckpt, "-i", tmp_path / "data", "-o", out]) == 1
+    captured = capsys.readouterr()
+    assert f"{ids[2]}: RuntimeError: simulated {stage} failure" in captured.err
+    assert "4 written, 0 skipped, 1 failed" in captured.out
+    written = [line.split(":")[0] for line in captured.out.splitlines() if ": written in" in line]
+    assert written == [ids[0], ids[1], ids[3], ids[4]]
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == [f"{i}.nii.gz" for i in ids if i != ids[2]]
+    assert sorted(json.loads((out / "metrics.json").read_text())["cases"]) == [i for i in ids if i != ids[2]]
 
 
 def one_error_line(capsys) -> str:

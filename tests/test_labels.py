@@ -92,3 +92,28 @@ def test_output_modes():
     sig = logits_to_probabilities(logits[:, 1:], "regions")  # sigmoid(0, -1, 1) = 0.5, 0.27, 0.73
     np.testing.assert_allclose(sig.flatten().numpy(), [0.5, 0.26894, 0.73106], atol=1e-4)
     assert probabilities_to_classes(sig[0], "regions").item() == 3  # ET > 0.5 painted last
+
+
+def test_labels_argmax_by_hand_with_ties():
+    """Per voxel: the class of the highest probability; on a tie the lowest class, as argmax."""
+    probs = torch.tensor([[0.1, 0.4, 0.25, 0.25, 0.0],   # background
+                          [0.2, 0.4, 0.25, 0.25, 0.0],   # NCR
+                          [0.3, 0.1, 0.25, 0.5, 0.0],    # ED
+                          [0.4, 0.1, 0.25, 0.0, 0.0]])   # ET
+    expected = [3, 0, 0, 2, 0]
+    for image in (probs.reshape(4, 5, 1, 1), probs.numpy().reshape(4, 1, 5, 1)):
+        classes = probabilities_to_classes(image, "labels")
+        assert classes.dtype in (torch.uint8, np.uint8)
+        assert np.asarray(classes).ravel().tolist() == expected
+
+
+@pytest.mark.parametrize("channels, dtype", [(2, torch.float32), (4, torch.float32), (4, torch.float64),
+                                             (4, torch.bfloat16), (7, torch.float32)])
+def test_labels_argmax_matches_torch_argmax(channels, dtype):
+    probs = torch.rand((channels, 9, 8, 7), generator=torch.Generator().manual_seed(channels)).to(dtype)
+    probs[:, 0] = 0.5  # a plane of exact ties
+    expected = probs.float().argmax(dim=0).to(torch.uint8)
+    assert torch.equal(probabilities_to_classes(probs, "labels"), expected)
+    flipped = probs.numpy()[:, ::-1] if dtype != torch.bfloat16 else None  # a negative-stride array
+    if flipped is not None:
+        np.testing.assert_array_equal(probabilities_to_classes(flipped, "labels"), expected.numpy()[::-1])
