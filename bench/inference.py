@@ -9,8 +9,9 @@
    then the sliding window's, not a real network's) are written to a work folder.
 2. End to end: ``infer.py`` on the case without its seg file (read, brain crop + z-score,
    sliding window on the crop, softmax, argmax, write the NIfTI mask in the input geometry; no
-   metrics), TTA off and on (8 flips batched into the same forward passes), with infer.py's
-   read / predict / write split.
+   metrics), TTA off and on (on the GPU the 8 flips share the windows' forward passes, on the CPU
+   they run one after another), with infer.py's read / predict / write split; timed alternately
+   with MONAI's cropped pipeline (step 4) when MONAI is there, so machine load affects both alike.
 3. Sliding window alone on the whole z-scored volume (no crop; ours takes the softmax of each
    window before blending, as nnU-Net, MONAI blends logits and takes it once): windows/s for the
    U-Net and for a one-layer pointwise network (``Conv3d(4, 4, 1)``), whose time is almost all
@@ -29,8 +30,8 @@
    differences on a sub-volume where the starts coincide and should be ~0.
 Warm-up: one forward pass of a window batch first; the cheap measurements (TTA off on the brain
 crop, the pointwise network) also get ``--warmup`` untimed runs, the expensive ones (TTA, whole
-volume) none. ``--budget`` (30 s) stops repeating a measurement once spent, so on a slow CPU the
-expensive ones are timed once (``runs`` in the JSON).
+volume) none. ``--budget`` (30 s per library) stops repeating a measurement once spent, so on a
+slow CPU the expensive ones are timed once unless it is raised (``runs`` in the JSON).
 """
 from __future__ import annotations
 
@@ -89,11 +90,10 @@ def test_folder(case, work: Path) -> Path:
     return folder.parent
 
 
-def end_to_end(ckpt: Path, data: Path, out: Path, tta: bool, args, warmup: int) -> dict:
-    """``infer.main`` on the case: seconds, and infer.py's own read / predict / write split."""
+def end_to_end_fn(ckpt: Path, data: Path, out: Path, tta: bool, logs: list[str]):
+    """``fn()`` running ``infer.main`` on the case (its printed lines appended to ``logs``)."""
     argv = ["--checkpoint", str(ckpt), "-i", str(data), "-o", str(out), "--overwrite",
             f"infer.tta={str(tta).lower()}"]
-    logs: list[str] = []
 
     def run():
         stdout = io.StringIO()
@@ -103,10 +103,14 @@ def end_to_end(ckpt: Path, data: Path, out: Path, tta: bool, args, warmup: int) 
             raise RuntimeError(f"infer.py exited with {code}")
         logs.append(stdout.getvalue())
 
-    timing = measure(run, args.repeats, warmup, args.budget, args.device)
-    # "<case>: written in 8.7 s (read 0.6, predict 7.9, write 0.1)" -> the split of the last run
-    split = re.search(r"written in [\d.]+ s \((.*)\)", logs[-1]).group(1)
-    return {"seconds": timing, **{k: float(v) for k, v in (part.split() for part in split.split(", "))}}
+    return run
+
+
+def infer_split(log_text: str) -> dict:
+    """infer.py's own read / predict / write split of a run, from its line
+    "<case>: written in 8.7 s (read 0.6, predict 7.9, write 0.1)"."""
+    split = re.search(r"written in [\d.]+ s \((.*)\)", log_text).group(1)
+    return {k: float(v) for k, v in (part.split() for part in split.split(", "))}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,8 +137,8 @@ def monai_infer_fn(model: nn.Module, args):
     return fn
 
 
-def monai_end_to_end(case, model: nn.Module, out: Path, tta: bool, crop: bool, args, warmup: int) -> dict:
-    """MONAI's read -> preprocess -> sliding window -> argmax -> invert -> write of one case."""
+def monai_end_to_end_fn(case, model: nn.Module, out: Path, tta: bool, crop: bool, args):
+    """``fn()``: MONAI's read -> preprocess -> sliding window -> argmax -> invert -> write of one case."""
     from monai.data import MetaTensor
     from monai.transforms import (Compose, CropForegroundd, EnsureChannelFirstd, Invertd, LoadImaged,
                                   NormalizeIntensityd, SaveImage)
@@ -157,7 +161,7 @@ def monai_end_to_end(case, model: nn.Module, out: Path, tta: bool, crop: bool, a
         pred = invert(data)["pred"] if crop else data["pred"]  # back to the full grid
         save(MetaTensor(labels[pred.long()], meta=pred.meta))
 
-    return measure(run, args.repeats, warmup, args.budget, args.device)
+    return run
 
 
 def agreement(model, volume: torch.Tensor, args, monai_fn) -> float:
@@ -225,13 +229,24 @@ def main(argv: list[str] | None = None) -> int:
 
         with torch.inference_mode():  # first-call allocations and kernel choices, once for all timings
             model(torch.zeros((args.sw_batch_size, len(MODALITIES)) + args.window, device=device))
-        # ---- ours end to end (infer.py), TTA off / on ----
+        # ---- end to end: ours (infer.py) and MONAI with CropForeground, timed alternately, TTA off / on ----
         data = test_folder(case, work)
-        report["end_to_end"] = {}
+        report["end_to_end"], report["monai_end_to_end"] = {}, {}
         for tta in ttas:
             key = "tta_on" if tta else "tta_off"
-            report["end_to_end"][key] = end_to_end(ckpt, data, work / "out", tta, args, args.warmup if not tta else 0)
+            logs: list[str] = []
+            fns = {"ours": end_to_end_fn(ckpt, data, work / "out", tta, logs)}
+            if monai:
+                fns["monai"] = monai_end_to_end_fn(case, model, work / "monai_out", tta, True, args)
+            timings = measure_alternating(fns, args.repeats, args.warmup if not tta else 0,
+                                          args.budget * len(fns), device)
+            report["end_to_end"][key] = {"seconds": timings["ours"], **infer_split(logs[-1])}
             log(f"ours end to end {key}: {report['end_to_end'][key]}")
+            if monai:
+                report["monai_end_to_end"][f"crop_foreground_{key}"] = timings["monai"]
+                log(f"MONAI end to end crop_foreground_{key}: {timings['monai']}")
+        if not monai:
+            del report["monai_end_to_end"]
 
         # ---- sliding window alone on the whole volume: ours, MONAI ----
         volume = torch.from_numpy(zscore_in_mask(images, mask)).to(device)
@@ -258,16 +273,12 @@ def main(argv: list[str] | None = None) -> int:
             report["sliding_window_whole_volume"][name] = entry
             log(f"sliding window, whole volume, {name}: {entry}")
 
-        # ---- MONAI end to end on the same files ----
+        # ---- MONAI end to end on the whole volume (its default usage), TTA off ----
         if monai:
-            report["monai_end_to_end"] = {}
-            runs = [("crop_foreground_tta_off", True, False)] + \
-                ([("crop_foreground_tta_on", True, True)] if not args.no_tta else []) + \
-                [("whole_volume_tta_off", False, False)]
-            for key, crop_fg, tta in runs:
-                report["monai_end_to_end"][key] = monai_end_to_end(case, model, work / "monai_out", tta, crop_fg, args,
-                                                                   args.warmup if key == "crop_foreground_tta_off" else 0)
-                log(f"MONAI end to end {key}: {report['monai_end_to_end'][key]}")
+            report["monai_end_to_end"]["whole_volume_tta_off"] = measure(
+                monai_end_to_end_fn(case, model, work / "monai_out", False, False, args), args.repeats, 0,
+                args.budget, device)
+            log(f"MONAI end to end whole_volume_tta_off: {report['monai_end_to_end']['whole_volume_tta_off']}")
             report["agreement_max_abs_difference"] = agreement(model, volume, args, monai_fns["unet"])
             report["ratios_monai_over_ours"] = ratios(report)
     return finish(report, args, device, load_at_start)
