@@ -14,7 +14,7 @@ extra outputs).
 
 All networks are built first. Per mode (train-mode forward + backward of the mean of all outputs;
 eval-mode forward under ``torch.no_grad``), on a ``(batch, 4, size, size, size)`` random float32
-input: ``--warmup`` untimed steps per network, then up to ``--repeats`` rounds, each timing one step
+input: ``--warmup`` untimed steps per network (at least one), then up to ``--repeats`` rounds, each timing one step
 of every network in turn (interleaved, so a change in machine load hits all networks alike),
 stopping early once a round ends past ``--budget`` seconds. Reports median / min / max seconds per
 network and ours / MONAI ratios of parameters and median times. On a shared machine the min is the
@@ -132,11 +132,11 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = {"error": f"{type(err).__name__}: {err}"}
     for mode, step in zip(MODES, (train_step, eval_step)):
         for name in list(models):
-            try:  # warm-up; a network that fails (e.g. an input size it cannot take) is reported and dropped
-                for _ in range(args.warmup):
+            try:  # warm-up (at least one step: a network that fails, e.g. on an input size it cannot take,
+                for _ in range(max(args.warmup, 1)):  # is reported and dropped before the timed rounds)
                     step(models[name].train(mode == "forward_backward"), x)
             except Exception as err:
-                results[name] = {"error": f"{type(err).__name__}: {err}"}
+                results[name]["error"] = f"{type(err).__name__}: {err}"
                 del models[name]
         for name, timing in timed_rounds(models, step, x, args.repeats, args.budget, device).items():
             results[name][mode] = timing
