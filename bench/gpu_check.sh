@@ -4,19 +4,20 @@
 # must run, best.pt/last.pt must be written), the same run through a 1-GPU torchrun (DDP), and
 # infer.py from the checkpoint (NIfTI masks in the input geometry, with metrics).
 #
-#   bash bench/gpu_check.sh [STEP ...]       # steps: tests bench train ddp infer (default: all)
+#   bash bench/gpu_check.sh [STEP ...]       # steps: tests bench train ddp infer (default: all);
+#                                            # bench = bench-train bench-infer bench-loader (or one by one)
 #   OUT=bench/results/gpu WORK=/tmp/brats_gpu bash bench/gpu_check.sh train infer
 #   SMOKE=1 bash bench/gpu_check.sh train ddp infer    # the same steps on the CPU at toy sizes
 #
-# Each step writes its log / JSON under $OUT (default bench/results/gpu); generated data and runs
-# go to $WORK (default /tmp/brats_gpu_check) and are reused by later steps. Stops at the first
+# Each step writes its log / JSON under $OUT (default bench/results/gpu; $WORK/out with SMOKE=1);
+# generated data and runs go to $WORK (default /tmp/brats_gpu_check) and are reused by later steps. Stops at the first
 # failure. SMOKE=1 runs on the CPU with the demo config and tiny sizes: it checks the script, not
 # the GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-bench/results/gpu}
-WORK=${WORK:-/tmp/brats_gpu_check}
 SMOKE=${SMOKE:-0}
+WORK=${WORK:-/tmp/brats_gpu_check}
+if [ "$SMOKE" = 1 ]; then OUT=${OUT:-$WORK/out}; else OUT=${OUT:-bench/results/gpu}; fi
 mkdir -p "$OUT" "$WORK"
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=(tests bench train ddp infer)
@@ -45,19 +46,32 @@ for name in "${STEPS[@]}"; do
         step "test suite (CUDA tests run when a GPU is visible)"
         python -m pytest -q -rs 2>&1 | tee "$OUT/pytest.log"
         ;;
-    bench)
-        step "benchmarks"
+    bench | bench-train)
+        step "benchmark: training step"
         if [ "$SMOKE" = 1 ]; then
             python bench/train_step.py --configs configs/demo.yaml --precisions fp32 --no-estimate \
                 --e2e-workers --repeats 1 --no-monai -o "$OUT/train_step.json"
+        else  # fp32 / bf16 x channels_last off / on x compile off / on, and the real loader attached
+            python bench/train_step.py --device cuda --compile -o "$OUT/train_step_gpu.json"
+        fi
+        ;;&
+    bench | bench-infer)
+        step "benchmark: inference"
+        if [ "$SMOKE" = 1 ]; then
             python bench/inference.py --shape 64 64 48 --window 32 32 32 --no-tta --repeats 1 --no-monai \
                 -o "$OUT/inference.json"
-        else
-            python bench/train_step.py --device cuda --compile -o "$OUT/train_step_gpu.json"
+        else  # the default U-Net of configs/unet3d.yaml on a full-size case, bf16, TTA off / on
             python bench/inference.py --device cuda --features 32 64 128 256 320 320 --sw-batch-size 4 \
                 --precision bf16 -o "$OUT/inference_gpu.json"
+        fi
+        ;;&
+    bench | bench-loader)
+        if [ "$SMOKE" != 1 ]; then
+            step "benchmark: loader"
             python bench/loader.py --device cuda --workers 0 4 8 --scenarios full -o "$OUT/loader_gpu.json"
         fi
+        ;;&
+    bench | bench-train | bench-infer | bench-loader)  # handled above
         ;;
     train)
         step "training run: $CONFIG on synthetic cases ($DEVICE)"
@@ -80,7 +94,7 @@ for name in "${STEPS[@]}"; do
         python bench/check_run.py "$WORK/run" --predictions "$WORK/pred" --data "$WORK/data"
         ;;
     *)
-        echo "unknown step '$name' (steps: tests bench train ddp infer)" >&2
+        echo "unknown step '$name' (steps: tests bench bench-train bench-infer bench-loader train ddp infer)" >&2
         exit 2
         ;;
     esac
