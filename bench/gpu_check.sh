@@ -10,9 +10,9 @@
 #   SMOKE=1 bash bench/gpu_check.sh train ddp infer    # the same steps on the CPU at toy sizes
 #
 # Each step writes its log / JSON under $OUT (default bench/results/gpu; $WORK/out with SMOKE=1);
-# generated data and runs go to $WORK (default /tmp/brats_gpu_check) and are reused by later steps. Stops at the first
-# failure. SMOKE=1 runs on the CPU with the demo config and tiny sizes: it checks the script, not
-# the GPU.
+# generated data and runs go to $WORK (default /tmp/brats_gpu_check) and are reused by later
+# steps. Stops at the first failure. SMOKE=1 runs on the CPU with the demo config and tiny sizes:
+# it checks the script, not the GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SMOKE=${SMOKE:-0}
