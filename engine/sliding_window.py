@@ -185,7 +185,7 @@ def _forward_or_split(model, inputs: torch.Tensor, group: int) -> torch.Tensor:
     group of ``group`` inputs at a time (a warning says so)."""
     try:
         return model(inputs)
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:  # the name every torch >= 2.4 has
         if inputs.shape[0] <= group:
             raise
     torch.cuda.empty_cache()

@@ -230,7 +230,7 @@ class OutOfMemoryAbove(nn.Module):
     def forward(self, x):
         self.batches.append(x.shape[0])
         if x.shape[0] > self.limit:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return 2 * x
 
 
@@ -245,5 +245,5 @@ def test_out_of_memory_retries_one_group_at_a_time(caplog):
 
 def test_out_of_memory_of_a_single_group_is_raised():
     from engine.sliding_window import _forward_or_split
-    with pytest.raises(torch.OutOfMemoryError):
+    with pytest.raises(torch.cuda.OutOfMemoryError):
         _forward_or_split(OutOfMemoryAbove(limit=1), torch.zeros(2, 3), group=2)
