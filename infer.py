@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 import struct
 import sys
 import time
 import zlib
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,8 +52,8 @@ from engine.postprocess import postprocess
 from engine.predict import load_models, override_infer_config, predict_case, resolve_device
 from metrics import aggregate, case_metrics, evaluate_files, format_table, write_report
 
-# file-name suffixes that identify each release's naming (and so its label convention)
 PENDING_WRITES = 2  # predicted cases waiting for the writer thread before the prediction loop waits
+# file-name suffixes that identify each release's naming (and so its label convention)
 NAMING_CONVENTIONS = {"2021": {"t1", "t1ce", "t2", "flair"}, "2023": {"t1n", "t1c", "t2w", "t2f"}}
 
 
@@ -179,7 +179,7 @@ def predict_all(run: Run, todo: list[tuple[Case, Path]], raise_errors: bool) -> 
                 reads.append(reader.submit(read_stage, run, todo[i + 1][0]))
             try:
                 loaded = reads[i].result()
-                reads[i] = None  # keep at most two cases' images in memory
+                reads[i] = None  # the writer keeps what it needs; drop the future's reference
                 classes, probs, seconds = predict_stage(run, loaded)
             except Exception as err:
                 fail(case, err)
@@ -198,7 +198,7 @@ class Loaded:
     """One case read and preprocessed."""
 
     case: Case
-    images: np.ndarray  # (C, X, Y, Z) float32 as read (for the PNG overlay)
+    overlay: np.ndarray | None  # (X, Y, Z) the image drawn under the PNG overlay, only with --png
     crop_images: np.ndarray  # (C, x, y, z) brain crop, z-scored
     geometry: Geometry  # with the crop box and the output convention
     ref_classes: np.ndarray | None  # (X, Y, Z) training classes of a usable seg file
@@ -215,7 +215,8 @@ def read_stage(run: Run, case: Case) -> Loaded:
     crop_images, _, geometry = preprocess_case(images, None, geometry, out_convention)
     # an ET-free reference reads the same in both conventions
     ref_classes = labels_to_classes(seg, seg_convention or out_convention) if has_reference else None
-    return Loaded(case, images, crop_images, geometry, ref_classes, out_convention, time.perf_counter() - tick)
+    overlay = images[overlay_channel(run.cfg.data.modalities)] if run.args.png else None  # not all C channels
+    return Loaded(case, overlay, crop_images, geometry, ref_classes, out_convention, time.perf_counter() - tick)
 
 
 def predict_stage(run: Run, loaded: Loaded) -> tuple[np.ndarray, np.ndarray | None, float]:
@@ -241,8 +242,8 @@ def write_stage(run: Run, loaded: Loaded, classes: np.ndarray, probs: np.ndarray
                             run.output / f"{case.case_id}_probs.nii.gz")
     full_classes = uncrop(classes, geometry)
     if run.args.png:
-        write_overlay_png(run.output / f"{case.case_id}.png", loaded.images[overlay_channel(cfg.data.modalities)],
-                          full_classes, loaded.ref_classes, geometry.affine)
+        write_overlay_png(run.output / f"{case.case_id}.png", loaded.overlay, full_classes, loaded.ref_classes,
+                          geometry.affine)
     timing = {"write": time.perf_counter() - tick}
     if loaded.ref_classes is not None:
         tick = time.perf_counter()

@@ -161,7 +161,7 @@ def _predict_batch(model, image: torch.Tensor, starts, window, flips, mode, devi
         if device.type == "cpu" and len(flips) > 1:
             # CPU: a batch of windows x 8 flips runs ~1.5x slower per window than the windows
             # alone (measured, bench/inference.py), so run one flip group at a time there
-            logits = torch.cat([model(group) for group in inputs.split(b)])
+            logits = _forward_in_groups(model, inputs, b)
         else:
             logits = _forward_or_split(model, inputs, b)
     if not isinstance(logits, torch.Tensor):
@@ -191,6 +191,11 @@ def _forward_or_split(model, inputs: torch.Tensor, group: int) -> torch.Tensor:
     torch.cuda.empty_cache()
     log.warning("out of GPU memory with %d windows in one pass: running %d at a time (lower "
                 "infer.sw_batch_size to avoid the retry)", inputs.shape[0], group)
+    return _forward_in_groups(model, inputs, group)
+
+
+def _forward_in_groups(model, inputs: torch.Tensor, group: int) -> torch.Tensor:
+    """``model`` over ``inputs`` ``group`` at a time, outputs concatenated."""
     return torch.cat([model(part) for part in inputs.split(group)])
 
 
