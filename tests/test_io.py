@@ -202,29 +202,16 @@ def test_missing_modality(tmp_path):
     assert str(folder) in str(err.value)
 
 
-def test_different_shapes(tmp_path):
+@pytest.mark.parametrize("suffix, data, affine, match", [
+    ("t2", np.ones((12, 10, 9), np.int16), "lps", "shape"),          # a modality of another shape
+    ("flair", np.ones(SHAPE, np.int16), "ras", "affine differs"),     # not co-registered
+    ("seg", np.zeros((12, 10, 7), np.uint8), "lps", "shape"),        # the seg on another grid
+])
+def test_file_off_the_case_grid(tmp_path, suffix, data, affine, match):
     folder, _ = write_case(tmp_path, "BraTS2021_00001")
-    bad = folder / "BraTS2021_00001_t2.nii.gz"
-    write_nifti(bad, np.ones((12, 10, 9), np.int16), AFFINES["lps"])
-    with pytest.raises(CaseError, match="shape") as err:
-        read_case(discover_cases(tmp_path)[0], MODALITIES)
-    assert str(bad) in str(err.value)
-
-
-def test_different_affines(tmp_path):
-    folder, _ = write_case(tmp_path, "BraTS2021_00001")
-    bad = folder / "BraTS2021_00001_flair.nii.gz"
-    write_nifti(bad, np.ones(SHAPE, np.int16), AFFINES["ras"])
-    with pytest.raises(CaseError, match="affine differs") as err:
-        read_case(discover_cases(tmp_path)[0], MODALITIES)
-    assert str(bad) in str(err.value)
-
-
-def test_seg_on_another_grid(tmp_path):
-    folder, _ = write_case(tmp_path, "BraTS2021_00001")
-    bad = folder / "BraTS2021_00001_seg.nii.gz"
-    write_nifti(bad, np.zeros((12, 10, 7), np.uint8), AFFINES["lps"])
-    with pytest.raises(CaseError, match="shape") as err:
+    bad = folder / f"BraTS2021_00001_{suffix}.nii.gz"
+    write_nifti(bad, data, AFFINES[affine])
+    with pytest.raises(CaseError, match=match) as err:
         read_case(discover_cases(tmp_path)[0], MODALITIES)
     assert str(bad) in str(err.value)
 
