@@ -1,11 +1,15 @@
-"""Evaluate predicted segmentations against reference labels (BraTS WT/TC/ET metrics).
+"""Evaluate predicted segmentations against reference labels, per region of the task.
 
-    python evaluate.py --pred runs/unet3d/predictions --ref data/brats [--convention lesionwise] [-o out.json]
+    python evaluate.py --pred predictions/unet3d --ref data/brats [--task auto] [--convention lesionwise] [-o out.json]
 
-Predictions are ``PRED_DIR/<case_id>.nii.gz``; references are a BraTS dataset folder (case
-folders with seg files) or a flat folder of ``<case_id>.nii.gz`` label files. Label conventions
-(ET = 4 or 3) are detected per file. Writes a JSON report (default ``PRED_DIR/metrics.json``) and
-a CSV with one row per case and region next to it, and prints the summary table.
+Predictions are ``PRED_DIR/<case_id>.nii.gz``; references are a dataset folder (case folders with
+label files, or the MSD layout) or a flat folder of ``<case_id>.nii.gz`` label files. The task
+(labels, evaluated regions, lesion-wise parameters) is ``--task`` or detected from the reference
+case names and label values (``datasets/detect.py``); predictions are read in each case's task
+(``--pred-task`` when they were written in another naming variant, e.g. ET = 4 for 2023 data).
+Writes a JSON report (default ``PRED_DIR/metrics.json``) and a CSV with one row per case and
+region next to it, and prints the summary table. ``--subset`` scores a prediction folder that
+covers only part of the references and lists the references it skipped.
 """
 from __future__ import annotations
 
@@ -18,25 +22,29 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from engine.config import MetricsConfig
+from datasets.detect import choose_from_facts, file_label_values
+from datasets.io import discover_cases
 from engine.errors import UserError, run_cli
-from metrics import aggregate, evaluate_files, format_table, pair_cases, write_report
+from engine.task import CaseFacts, load_task
+from metrics import aggregate, evaluate_files, format_table, write_report
 from metrics.case import CONVENTIONS
+from metrics.files import nifti_files, pair_cases
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    defaults = MetricsConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pred", required=True, help="folder of predictions <case_id>.nii.gz")
-    parser.add_argument("--ref", required=True, help="BraTS dataset folder or flat folder of <case_id>.nii.gz labels")
-    parser.add_argument("--convention", choices=CONVENTIONS, default=defaults.convention,
-                        help="empty-mask/lesion rules (default: %(default)s)")
+    parser.add_argument("--ref", required=True, help="dataset folder or flat folder of <case_id>.nii.gz labels")
+    parser.add_argument("--task", default="auto",
+                        help="task of the references: auto (detected), a built-in name or a task YAML (default: auto)")
+    parser.add_argument("--pred-task", default=None,
+                        help="task whose label values the predictions use (default: each reference case's)")
+    parser.add_argument("--convention", choices=CONVENTIONS, default="legacy",
+                        help="empty-mask/lesion rules (default: %(default)s); lesion parameters come from the task")
     parser.add_argument("-o", "--output", help="JSON report path (default: PRED_DIR/metrics.json); the CSV goes next to it")
-    parser.add_argument("--no-hd95", action="store_true", help="skip HD95 (much faster)")
-    parser.add_argument("--lesion-dilation", type=int, default=defaults.lesion_dilation,
-                        help="lesion-wise: reference dilation iterations (default: %(default)s; MEN/MET: 1)")
-    parser.add_argument("--lesion-min-volume", type=float, default=defaults.lesion_min_volume,
-                        help="lesion-wise: lesions <= this volume in mm^3 are not scored (default: %(default)s; MET: 2)")
+    parser.add_argument("--no-hd95", action="store_true", help="skip HD95 and NSD (much faster)")
+    parser.add_argument("--subset", action="store_true",
+                        help="score only the references that have a prediction (the others are listed)")
     parser.add_argument("-j", "--workers", type=int, default=1, help="parallel processes (default: 1)")
     return parser.parse_args(argv)
 
@@ -50,27 +58,53 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{json_path}: refusing to write the report inside the reference folder {ref_dir}")
     if args.workers < 1:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
-    if args.lesion_dilation < 0:
-        raise UserError(f"--lesion-dilation must be >= 0, got {args.lesion_dilation}")
 
-    pairs, extra = pair_cases(pred_dir, ref_dir)
+    pairs, extra, skipped = pair_cases(pred_dir, ref_dir, subset=args.subset)
     if extra:
         print(f"note: {len(extra)} predictions have no reference and are ignored (first: {extra[0]})", file=sys.stderr)
-    options = dict(convention=args.convention, hd95=not args.no_hd95, dilation=args.lesion_dilation,
-                   min_volume=args.lesion_min_volume)
-    job = partial(evaluate_files, **options)
-    preds, refs = [p for _, p, _ in pairs], [r for _, _, r in pairs]
+    if skipped:
+        shown = ", ".join(skipped[:10]) + (", ..." if len(skipped) > 10 else "")
+        print(f"note: --subset: {len(skipped)} reference case(s) without a prediction are not scored: {shown}",
+              file=sys.stderr)
+    if not pairs:
+        raise UserError(f"{pred_dir}: no prediction matches a reference case of {ref_dir}")
+    choice = choose_from_facts(reference_facts(ref_dir, {case_id: ref for case_id, _, ref in pairs}, args.workers),
+                               args.task)
+    pred_task = load_task(args.pred_task) if args.pred_task else None
+    if pred_task is not None and not pred_task.compatible_with(choice.task):
+        raise UserError(f"--pred-task: task {pred_task.name} has other classes or regions than the references' "
+                        f"task {choice.task.name}")
+
+    job = partial(_evaluate_one, convention=args.convention, hd95=not args.no_hd95)
+    jobs = [(pred, ref, choice.per_case[case_id], pred_task or choice.per_case[case_id]) for case_id, pred, ref in pairs]
     with ProcessPoolExecutor(args.workers) if args.workers > 1 else nullcontext() as pool:
-        results = pool.map(job, preds, refs) if pool else map(job, preds, refs)
+        results = pool.map(job, jobs) if pool else map(job, jobs)
         progress = tqdm(results, total=len(pairs), desc="evaluate", unit="case", disable=None)
         per_case = {case_id: scores for (case_id, _, _), scores in zip(pairs, progress)}
 
     summary = aggregate(per_case)
-    write_report(per_case, summary, json_path, csv_path, args.convention, args.lesion_dilation, args.lesion_min_volume)
-    print(f"{len(per_case)} cases, {args.convention} convention")
+    write_report(per_case, summary, json_path, csv_path, args.convention, choice.task)
+    print(f"{len(per_case)} cases, task {choice.task.name}, {args.convention} convention")
     print(format_table(summary))
     print(f"wrote {json_path} and {csv_path}")
     return 0
+
+
+def reference_facts(ref_dir: Path, refs: dict, workers: int) -> list[CaseFacts]:
+    """Detection facts of the reference cases: names, label values and, for a dataset folder
+    (not a flat folder of label files), the layout of each case (images are not needed to score)."""
+    values = file_label_values(refs, workers=workers)
+    cases = {} if nifti_files(ref_dir) else {c.case_id: c for c in discover_cases(ref_dir)}
+    facts = []
+    for case_id, path in refs.items():
+        case = cases.get(case_id)
+        facts.append(CaseFacts(case_id, case.layout if case else None, None, tuple(values[case_id]), str(path)))
+    return facts
+
+
+def _evaluate_one(job, convention: str, hd95: bool) -> dict:
+    pred, ref, task, pred_task = job
+    return evaluate_files(pred, ref, task, convention, hd95=hd95, pred_task=pred_task)
 
 
 if __name__ == "__main__":

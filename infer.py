@@ -1,36 +1,38 @@
-"""Segment BraTS cases with one checkpoint or an ensemble; write masks in the input's geometry.
+"""Segment BraTS cases with one checkpoint or an ensemble; write masks in the input's geometry and labels.
 
     python infer.py --checkpoint runs/unet3d/best.pt -i data/brats -o predictions/unet3d
     python infer.py --checkpoint a.pt --checkpoint b.pt -i BraTS2021_00000/ -o out infer.tta=true
     python infer.py ... --save-probabilities --png --overwrite infer.device=cpu infer.et_min_volume=100
 
-INPUT is a BraTS dataset folder (one sub-folder per case) or one case folder; the modalities the
-checkpoint was trained on are read under either naming (t1/t1n, t1ce/t1c, t2/t2w, flair/t2f).
+INPUT is a dataset folder (one sub-folder per case, or the MSD layout with imagesTr/imagesTs) or
+one case folder; the modalities the checkpoint was trained on are read under any naming (t1/t1n,
+t1ce/t1c, t2/t2w, flair/t2f). Each case's task is found from its name and labels (preferring the
+checkpoint's task): it must be the checkpoint's task or a naming variant of it (BraTS 2021 ET = 4
+vs 2023 ET = 3); another task (e.g. PED data with a glioma checkpoint) fails the case.
 Per case: the training preprocessing (brain crop, z-score), sliding-window inference (Gaussian
 blending, optional mirror TTA, ensembles averaged), optional post-processing (``infer.*`` keys),
 then ``OUTPUT/<case_id>.nii.gz``: uint8 labels pasted back into the original shape with the
-input's affine and header. Labels follow ``infer.output_convention``: by default the input's
-convention (ET=4 for 2018-2021 data, ET=3 for 2023+), read from its seg file or else its file
-names, and the checkpoint's training convention when neither tells.
+input's affine and header, in the label values of the case's task (``infer.output_task``).
 
 Cases are pipelined: while one is predicted, the next is read and preprocessed and the previous
 one written and scored, in two background threads. Existing outputs are kept (and still
-evaluated) unless ``--overwrite``. When a case has a seg
-file, per-case metrics go to ``OUTPUT/metrics.json`` and ``OUTPUT/metrics.csv`` (the format of
-``evaluate.py``) and the summary table is printed. ``--save-probabilities`` also writes
-``OUTPUT/<case_id>_probs.nii.gz`` (4D, channel last); ``--png`` a picture of three orthogonal slices
-through the tumour with the prediction (and reference) overlaid. Only ``infer.*`` and
+evaluated) unless ``--overwrite``. When a case has a label file, per-case metrics of every region
+of its task go to ``OUTPUT/metrics.json`` and ``OUTPUT/metrics.csv`` (the format of
+``evaluate.py``) and the summary table is printed; a label file with values outside the task
+fails the case. ``--save-probabilities`` also writes ``OUTPUT/<case_id>_probs.nii.gz`` (4D,
+channel last); ``--png`` a picture of three orthogonal slices through the tumour with the
+prediction (and reference) overlaid and a legend of the task's labels. Only ``infer.*`` and
 ``metrics.*`` keys can be overridden. A failing case among many is reported and skipped (exit
 code 1 at the end); bad input (checkpoint, empty folder, a single bad case) exits 2 with one line.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import io
 import logging
-import struct
 import sys
 import time
-import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,32 +43,31 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from datasets.io import Case, Geometry, canonical_modality, discover_cases, read_case, uncrop, write_probabilities, \
+from datasets.detect import case_facts, choose_from_facts, label_values, read_label_values
+from datasets.io import Case, CaseError, Geometry, discover_cases, read_case, uncrop, write_probabilities, \
     write_segmentation
-from datasets.labels import NUM_CLASSES, classes_to_labels, detect_convention, labels_to_classes, \
-    probabilities_to_classes
 from datasets.preprocess import preprocess_case
+from engine.atomic import atomic_write_bytes
 from engine.config import Config
 from engine.errors import UserError, run_cli
 from engine.postprocess import postprocess
-from engine.predict import load_models, override_infer_config, predict_case, resolve_device
+from engine.predict import ModelSpec, load_models, override_infer_config, predict_case, resolve_device
+from engine.task import Task, TaskError, display_channels, load_task
 from metrics import aggregate, case_metrics, evaluate_files, format_table, write_report
 
 PENDING_WRITES = 2  # predicted cases waiting for the writer thread before the prediction loop waits
-# file-name suffixes that identify each release's naming (and so its label convention)
-NAMING_CONVENTIONS = {"2021": {"t1", "t1ce", "t2", "flair"}, "2023": {"t1n", "t1c", "t2w", "t2f"}}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", action="append", required=True, metavar="CKPT",
                         help="checkpoint (.pt); repeat for an ensemble (probabilities averaged)")
-    parser.add_argument("-i", "--input", required=True, help="BraTS dataset folder or one case folder")
+    parser.add_argument("-i", "--input", required=True, help="dataset folder or one case folder")
     parser.add_argument("-o", "--output", required=True, help="output folder (outside INPUT)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing predictions")
     parser.add_argument("--save-probabilities", action="store_true",
                         help="also write OUTPUT/<case_id>_probs.nii.gz")
-    parser.add_argument("--png", action="store_true", help="also write OUTPUT/<case_id>.png (3 slices, overlay)")
+    parser.add_argument("--png", action="store_true", help="also write OUTPUT/<case_id>.png (3 slices, overlay, legend)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="infer.* / metrics.* config overrides")
     return parser.parse_args(argv)
 
@@ -77,8 +78,8 @@ class Run:
 
     models: list[torch.nn.Module]
     cfg: Config
-    convention: str  # the checkpoint's training convention
-    mode: str  # "labels" or "regions"
+    spec: ModelSpec  # the checkpoint's task, output mode and input modalities
+    output_task: Task | None  # infer.output_task when set, else each case's own task
     device: torch.device
     output: Path
     args: argparse.Namespace
@@ -90,29 +91,32 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     input_dir, output = Path(args.input), Path(args.output)
     check_paths(input_dir, output)
-    models, cfg, convention, mode = load_models(args.checkpoint, "cpu")
-    cfg = override_infer_config(cfg, args.overrides)
+    models, spec = load_models(args.checkpoint, "cpu")
+    cfg = override_infer_config(spec.cfg, args.overrides, spec.task)
+    output_task = resolve_output_task(cfg.infer.output_task, spec.task)
     device = resolve_device(cfg.infer.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # every window has the same shape: autotune once
     models = [m.to(device) for m in models]
-    cases = discover_cases(input_dir)
+    cases = discover_cases(input_dir, [spec.task.label_file])
+    run = Run(models, cfg, spec, output_task, device, output, args)
+    check_task_of_input(run, cases)
     output.mkdir(parents=True, exist_ok=True)
-    run = Run(models, cfg, convention, mode, device, output, args)
-    say(f"{len(cases)} case(s), {len(models)} model(s), {mode} output, device {device}, "
+    say(f"{len(cases)} case(s), {len(models)} model(s), task {spec.task.name}, {spec.mode} output, device {device}, "
         f"tta={'on' if cfg.infer.tta else 'off'}, window {list(cfg.data.patch_size)}")
 
     start = time.perf_counter()
-    todo, skipped = [], 0
+    todo, skipped, failures = [], 0, []
     for case in cases:
         seg_path = output / f"{case.case_id}.nii.gz"
         if seg_path.exists() and not args.overwrite:
             skipped += 1
             say(f"{case.case_id}: {seg_path} exists, skipped (--overwrite to replace)")
-            evaluate_existing(run, case, seg_path)
+            evaluate_existing(run, case, seg_path, failures)
         else:
             todo.append((case, seg_path))
-    written, failures = predict_all(run, todo, raise_errors=len(cases) == 1)
+    written, predict_failures = predict_all(run, todo, raise_errors=len(cases) == 1)
+    failures += predict_failures
 
     if run.per_case:
         report_metrics(run)
@@ -140,6 +144,47 @@ def check_paths(input_dir: Path, output: Path) -> None:
     if out == inp or inp in out.parents:
         raise UserError(f"{output}: the output folder must be outside the input folder {input_dir} "
                         "(the input is never written to)")
+
+
+def resolve_output_task(setting: str, trained: Task) -> Task | None:
+    """``infer.output_task``: ``None`` for "auto" (each case's own task), else a task that must be
+    a naming variant of the checkpoint's (same classes and regions)."""
+    if setting == "auto":
+        return None
+    task = load_task(setting)
+    if not task.compatible_with(trained):
+        raise UserError(f"infer.output_task: task {task.name} ({task.describe_labels()}) has other classes or "
+                        f"regions than the checkpoint's task {trained.name} ({trained.describe_labels()})")
+    return task
+
+
+def case_task(run: Run, case: Case, values: list[int] | None = None) -> Task:
+    """The task of one case, from its name and layout (and ``values``, its label values, when
+    known), preferring the checkpoint's; ``CaseError`` unless it is the checkpoint's task or a
+    naming variant of it."""
+    facts = dataclasses.replace(case_facts(case, values), modalities=None)  # read_case names a missing image
+    try:
+        task = choose_from_facts([facts], "auto", prefer=run.spec.task).task
+    except TaskError as err:
+        raise CaseError(str(err)) from None
+    if not task.compatible_with(run.spec.task):
+        raise CaseError(f"{case.seg or case.volume or case.folder}: case {case.case_id} is task {task.name} "
+                        f"({task.describe_labels()}) but the checkpoint was trained on task {run.spec.task.name} "
+                        f"({run.spec.task.describe_labels()})")
+    return task
+
+
+def check_task_of_input(run: Run, cases: list[Case]) -> None:
+    """``UserError`` (exit 2) when, judged by names alone, no case is of the checkpoint's task."""
+    errors = []
+    for case in cases:
+        try:
+            case_task(run, case)
+            return
+        except CaseError as err:
+            errors.append(str(err))
+    if errors:
+        raise UserError(errors[0] + (f" (and {len(errors) - 1} other case(s))" if len(errors) > 1 else ""))
 
 
 def predict_all(run: Run, todo: list[tuple[Case, Path]], raise_errors: bool) -> tuple[int, list[tuple[str, str]]]:
@@ -198,35 +243,44 @@ class Loaded:
     """One case read and preprocessed."""
 
     case: Case
+    task: Task  # the case's own task (its names and labels)
+    out_task: Task  # whose label values are written
     overlay: np.ndarray | None  # (X, Y, Z) the image drawn under the PNG overlay, only with --png
     crop_images: np.ndarray  # (C, x, y, z) brain crop, z-scored
-    geometry: Geometry  # with the crop box and the output convention
-    ref_classes: np.ndarray | None  # (X, Y, Z) training classes of a usable seg file
-    out_convention: str
+    geometry: Geometry  # with the crop box
+    ref_classes: np.ndarray | None  # (X, Y, Z) training classes of the case's label file
     seconds: float
 
 
 def read_stage(run: Run, case: Case) -> Loaded:
-    """Read the case's files and apply the training preprocessing."""
+    """Find the case's task, read its files and apply the training preprocessing. A label file
+    whose values are not labels of the case's task fails the case (its metrics would be wrong)."""
     tick = time.perf_counter()
-    images, seg, geometry = read_case(case, run.cfg.data.modalities, with_label=True)
-    has_reference, seg_convention = reference_convention(case, seg)
-    out_convention = output_convention(run.cfg.infer.output_convention, case, seg_convention, run.convention)
-    crop_images, _, geometry = preprocess_case(images, None, geometry, out_convention)
-    # an ET-free reference reads the same in both conventions
-    ref_classes = labels_to_classes(seg, seg_convention or out_convention) if has_reference else None
-    overlay = images[overlay_channel(run.cfg.data.modalities)] if run.args.png else None  # not all C channels
-    return Loaded(case, overlay, crop_images, geometry, ref_classes, out_convention, time.perf_counter() - tick)
+    task = case_task(run, case)
+    images, seg, geometry = read_case(case, task, run.spec.modalities, with_label=True)
+    ref_classes = None
+    if seg is not None:
+        values = label_values(seg)
+        if task.unexpected_values(values):
+            task = case_task(run, case, values)  # e.g. ET = 4 labels in a 2023-named case
+        try:
+            ref_classes = task.labels_to_classes(seg)
+        except ValueError as err:
+            raise CaseError(f"{case.seg}: {err}") from None
+    crop_images, _, geometry = preprocess_case(images, None, geometry, task)
+    overlay = images[display_channels(run.spec.modalities)[0]] if run.args.png else None  # not all C channels
+    return Loaded(case, task, run.output_task or task, overlay, crop_images, geometry, ref_classes,
+                  time.perf_counter() - tick)
 
 
 def predict_stage(run: Run, loaded: Loaded) -> tuple[np.ndarray, np.ndarray | None, float]:
     """``(classes (x, y, z) uint8 post-processed, probabilities (K, x, y, z) if they are saved,
     seconds)`` of the cropped case."""
     tick = time.perf_counter()
-    cfg = run.cfg
-    probs = predict_case(run.models, loaded.crop_images, cfg.infer, cfg.data.patch_size, run.mode, run.device)
-    classes = probabilities_to_classes(probs, run.mode, cfg.infer.region_threshold).cpu().numpy()
-    classes = postprocess(classes, cfg.infer)
+    cfg, spec = run.cfg, run.spec
+    probs = predict_case(run.models, loaded.crop_images, cfg.infer, cfg.data.patch_size, spec.mode, run.device)
+    classes = spec.task.decode(probs, spec.mode, cfg.infer.region_threshold).cpu().numpy()
+    classes = postprocess(classes, cfg.infer, spec.task)
     kept = probs.cpu().numpy() if run.args.save_probabilities else None
     return classes, kept, time.perf_counter() - tick
 
@@ -236,69 +290,45 @@ def write_stage(run: Run, loaded: Loaded, classes: np.ndarray, probs: np.ndarray
     """Write the mask (and probabilities / PNG), then score it; returns seconds per step."""
     tick = time.perf_counter()
     case, geometry, cfg = loaded.case, loaded.geometry, run.cfg
-    write_segmentation(classes_to_labels(classes, loaded.out_convention), geometry, seg_path)
+    write_segmentation(loaded.out_task.classes_to_labels(classes), geometry, seg_path)
     if probs is not None:
-        write_probabilities(full_probabilities(probs, geometry, run.mode), geometry,
+        write_probabilities(full_probabilities(probs, geometry, run.spec.mode), geometry,
                             run.output / f"{case.case_id}_probs.nii.gz")
     full_classes = uncrop(classes, geometry)
     if run.args.png:
         write_overlay_png(run.output / f"{case.case_id}.png", loaded.overlay, full_classes, loaded.ref_classes,
-                          geometry.affine)
+                          geometry.affine, loaded.task)
     timing = {"write": time.perf_counter() - tick}
     if loaded.ref_classes is not None:
         tick = time.perf_counter()
-        run.per_case[case.case_id] = case_metrics(
-            full_classes, loaded.ref_classes, geometry.spacing, cfg.metrics.convention, hd95=True,
-            dilation=cfg.metrics.lesion_dilation, min_volume=cfg.metrics.lesion_min_volume)
+        run.per_case[case.case_id] = case_metrics(full_classes, loaded.ref_classes, geometry.spacing, loaded.task,
+                                                  cfg.metrics.convention, hd95=True)
         timing["metrics"] = time.perf_counter() - tick
     return timing
-
-
-def reference_convention(case: Case, seg: np.ndarray | None) -> tuple[bool, str | None]:
-    """``(usable, convention)`` of the case's seg file: ``convention`` is ``None`` when it has no
-    ET (both conventions read it the same); values of neither convention make it unusable."""
-    if seg is None:
-        return False, None
-    try:
-        return True, detect_convention(np.flatnonzero(np.bincount(seg.ravel())))
-    except ValueError as err:
-        say(f"{case.case_id}: {case.seg}: {err}; no metrics for this case")
-        return False, None
-
-
-def output_convention(setting: str, case: Case, seg_convention: str | None, checkpoint_convention: str) -> str:
-    """Label convention to write: ``setting`` unless "auto"; then the seg file's (when it has ET),
-    else the file naming's (t1n/t1c/t2w/t2f -> 2023, t1/t1ce/t2/flair -> 2021), else the checkpoint's."""
-    if setting != "auto":
-        return setting
-    if seg_convention is not None:
-        return seg_convention
-    suffixes = {path.name[len(case.case_id) + 1:].split(".")[0].lower() for path in case.images.values()}
-    naming = next((conv for conv, names in NAMING_CONVENTIONS.items() if suffixes and suffixes <= names), None)
-    return naming or checkpoint_convention
 
 
 def full_probabilities(probs: np.ndarray, geometry: Geometry, mode: str) -> np.ndarray:
     """Cropped probabilities ``(K, x, y, z)`` -> full shape; outside the brain crop background is
     certain (probability 1 for the background class in labels mode, 0 elsewhere)."""
     full = uncrop(probs, geometry, fill=0.0)
-    if mode == "labels" and full is not probs and probs.shape[0] == NUM_CLASSES:
+    if mode == "labels" and full is not probs:
         outside = uncrop(np.ones(probs.shape[1:], dtype=bool), geometry, fill=False)
         full[0][~outside] = 1.0
     return full
 
 
-def evaluate_existing(run: Run, case: Case, seg_path: Path) -> None:
-    """Metrics of a kept prediction against the case's reference, so the report covers every case."""
+def evaluate_existing(run: Run, case: Case, seg_path: Path, failures: list[tuple[str, str]]) -> None:
+    """Metrics of a kept prediction against the case's reference, so the report covers every
+    case; a reference that cannot be scored is a failure."""
     if case.seg is None:
         return
-    metrics_cfg = run.cfg.metrics
     try:
-        run.per_case[case.case_id] = evaluate_files(seg_path, case.seg, metrics_cfg.convention, hd95=True,
-                                                    dilation=metrics_cfg.lesion_dilation,
-                                                    min_volume=metrics_cfg.lesion_min_volume)
+        task = case_task(run, case, read_label_values(case.seg))
+        run.per_case[case.case_id] = evaluate_files(seg_path, case.seg, task, run.cfg.metrics.convention, hd95=True,
+                                                    pred_task=run.output_task or task)
     except UserError as err:
-        say(f"{case.case_id}: cannot evaluate the existing prediction ({err})")
+        failures.append((case.case_id, f"cannot evaluate the existing prediction: {err}"))
+        say(f"{case.case_id}: FAILED: cannot evaluate the existing prediction ({err})")
 
 
 def report_metrics(run: Run) -> None:
@@ -306,36 +336,28 @@ def report_metrics(run: Run) -> None:
     per_case = dict(sorted(run.per_case.items()))
     summary = aggregate(per_case)
     json_path, csv_path = run.output / "metrics.json", run.output / "metrics.csv"
-    write_report(per_case, summary, json_path, csv_path, metrics_cfg.convention, metrics_cfg.lesion_dilation,
-                 metrics_cfg.lesion_min_volume)
-    say(f"metrics of {len(per_case)} case(s) with a reference ({metrics_cfg.convention} convention):")
+    write_report(per_case, summary, json_path, csv_path, metrics_cfg.convention, run.spec.task)
+    say(f"metrics of {len(per_case)} case(s) with a reference ({metrics_cfg.convention} convention, "
+        f"task {run.spec.task.name}):")
     say(format_table(summary))
     say(f"wrote {json_path} and {csv_path}")
 
 
 # ----------------------------------------------------------------------------------------------
-# PNG overlay: three orthogonal slices through the tumour centre, dependency-free encoder.
+# PNG overlay: three orthogonal slices through the tumour centre, with a legend of the task's labels.
 # ----------------------------------------------------------------------------------------------
-CLASS_COLOURS = np.array([[0, 0, 0], [230, 40, 40], [40, 200, 60], [250, 220, 30]], dtype=np.float32)  # bg NCR ED ET
 OVERLAY_ALPHA = 0.5
 PNG_MIN_SIZE = 256  # volumes smaller than this (largest axis, voxels) are zoomed by an integer factor
-
-
-def overlay_channel(modalities: list[str]) -> int:
-    """Index of FLAIR among the input channels (else T1ce, else the first)."""
-    names = [canonical_modality(m) for m in modalities]
-    for wanted in ("flair", "t1ce"):
-        if wanted in names:
-            return names.index(wanted)
-    return 0
+LEGEND_HEIGHT = 22  # pixels of the legend strip under the slices
 
 
 def write_overlay_png(path: Path, image: np.ndarray, pred: np.ndarray, ref: np.ndarray | None,
-                      affine: np.ndarray) -> Path:
+                      affine: np.ndarray, task: Task) -> Path:
     """Axial, coronal and sagittal slices of ``image (X, Y, Z)`` through the centre of the
     predicted tumour (else the reference's, else the volume's), reoriented to RAS (anterior and
     superior up, patient's left on the left of the picture). Top row: prediction; bottom row:
-    reference (when given). NCR red, ED green, ET yellow."""
+    reference (when given); each row titled. Classes in the task's colours, named in a legend
+    strip at the bottom (label name and file value). Written atomically."""
     transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
                                                 nib.orientations.axcodes2ornt("RAS"))
     image, pred = (nib.orientations.apply_orientation(a, transform) for a in (image, pred))
@@ -343,13 +365,38 @@ def write_overlay_png(path: Path, image: np.ndarray, pred: np.ndarray, ref: np.n
     tumour = pred > 0 if (pred > 0).any() else (ref > 0 if ref is not None else np.zeros_like(pred, bool))
     centre = (np.argwhere(tumour).mean(axis=0) if tumour.any() else (np.array(pred.shape) - 1) / 2).round().astype(int)
     grey = _to_grey(image)
-    rows = [_slice_row(grey, labels, centre) for labels in ([pred] if ref is None else [pred, ref])]
+    palette = np.asarray(task.colours, dtype=np.float32)
+    rows = [_slice_row(grey, labels, centre, palette) for labels in ([pred] if ref is None else [pred, ref])]
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
-    picture = np.concatenate(rows, axis=0)
     scale = max(1, PNG_MIN_SIZE // max(pred.shape))  # small volumes: integer nearest-neighbour zoom
-    path.write_bytes(encode_png(picture.repeat(scale, axis=0).repeat(scale, axis=1)))
-    return path
+    picture = np.concatenate(rows, axis=0).repeat(scale, axis=0).repeat(scale, axis=1)
+    titles = ["prediction"] + (["reference"] if ref is not None else [])
+    return atomic_write_bytes(path, render_png(picture, titles, task))
+
+
+def render_png(picture: np.ndarray, titles: list[str], task: Task) -> bytes:
+    """``picture (H, W, 3)`` uint8 made of ``len(titles)`` equal rows -> PNG bytes with each
+    row's title in its top-left corner and a legend strip (one swatch per label) underneath."""
+    from PIL import Image, ImageDraw, ImageFont  # imported here: only --png needs it
+
+    height, width, _ = picture.shape
+    canvas = Image.new("RGB", (width, height + LEGEND_HEIGHT), (0, 0, 0))
+    canvas.paste(Image.fromarray(picture), (0, 0))
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    row_height = height // max(len(titles), 1)
+    for i, title in enumerate(titles):
+        draw.text((4, i * row_height + 3), title, fill=(255, 255, 255), font=font)
+    x = 4
+    for name, value, rgb in zip(task.class_names[1:], task.label_values[1:], task.colours[1:]):
+        top = height + (LEGEND_HEIGHT - 12) // 2
+        draw.rectangle([x, top, x + 12, top + 12], fill=tuple(rgb))
+        text = f"{name} ({value})"
+        draw.text((x + 16, top), text, fill=(255, 255, 255), font=font)
+        x += 16 + int(draw.textlength(text, font=font)) + 12
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _to_grey(image: np.ndarray) -> np.ndarray:
@@ -358,7 +405,7 @@ def _to_grey(image: np.ndarray) -> np.ndarray:
     return np.clip((image - low) / max(high - low, 1e-6), 0, 1) * 255.0
 
 
-def _slice_row(grey: np.ndarray, labels: np.ndarray, centre) -> np.ndarray:
+def _slice_row(grey: np.ndarray, labels: np.ndarray, centre, palette: np.ndarray) -> np.ndarray:
     cx, cy, cz = centre
     views = [(grey[:, :, cz], labels[:, :, cz]), (grey[:, cy, :], labels[:, cy, :]), (grey[cx, :, :], labels[cx, :, :])]
     panels = []
@@ -366,26 +413,11 @@ def _slice_row(grey: np.ndarray, labels: np.ndarray, centre) -> np.ndarray:
         g, lab = np.flipud(g.T), np.flipud(lab.T)
         rgb = np.repeat(g[..., None], 3, axis=2)
         tumour = lab > 0
-        rgb[tumour] = (1 - OVERLAY_ALPHA) * rgb[tumour] + OVERLAY_ALPHA * CLASS_COLOURS[lab[tumour]]
+        rgb[tumour] = (1 - OVERLAY_ALPHA) * rgb[tumour] + OVERLAY_ALPHA * palette[lab[tumour]]
         panels.append(rgb)
     height = max(p.shape[0] for p in panels)
     panels = [np.pad(p, ((0, height - p.shape[0]), (0, 2), (0, 0))) for p in panels]
     return np.concatenate(panels, axis=1).round().astype(np.uint8)
-
-
-def encode_png(rgb: np.ndarray) -> bytes:
-    """``(H, W, 3)`` uint8 -> PNG bytes (8-bit RGB, no filtering, zlib-compressed)."""
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise ValueError(f"expected an (H, W, 3) uint8 array, got {rgb.shape} {rgb.dtype}")
-    height, width, _ = rgb.shape
-    rows = np.concatenate([np.zeros((height, 1), np.uint8), rgb.reshape(height, width * 3)], axis=1)
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
-            + chunk(b"IEND", b""))
 
 
 if __name__ == "__main__":

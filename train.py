@@ -6,7 +6,9 @@
 
 Everything a run writes goes into ``cfg.out_dir`` (default ``runs/<config name>``): the resolved
 ``config.yaml``, ``split.json``, ``last.pt`` (every epoch), ``best.pt`` (best mean validation
-Dice of WT/TC/ET), ``metrics.jsonl`` (one line per validation) and TensorBoard event files.
+Dice over the task's regions, e.g. WT/TC/ET), ``metrics.jsonl`` (one line per validation) and
+TensorBoard event files. The task (``data.task``: labels, regions, evaluation rules) is detected
+from the data unless set, and stored in every checkpoint.
 
 One epoch = ``train.iters_per_epoch`` optimizer steps on random patches; validation every
 ``train.val_every`` epochs (and after the last one) runs the same sliding-window inference as
@@ -40,18 +42,17 @@ from torch.nn.parallel import DistributedDataParallel
 
 from datasets.augment import Augmenter
 from datasets.cache import prepare_cache
-from datasets.io import canonical_modality
-from datasets.labels import REGIONS, output_channels, probabilities_to_classes
 from datasets.loader import build_train_loader
 from datasets.split import load_split, make_split, save_split
 from datasets.synthetic import generate_dataset
 from engine import distributed as dist
-from engine.checkpoint import load_checkpoint, save_checkpoint, unwrap_model
+from engine.checkpoint import load_checkpoint, save_checkpoint, stored_task, unwrap_model
 from engine.config import ConfigError, apply_overrides, from_dict, load_config, parse_override, save_config, to_dict
 from engine.errors import UserError, run_cli
 from engine.logger import Progress, RunLogger, validation_panel
 from engine.optim import LRSchedule, apply_hyperparameters, build_optimizer
 from engine.predict import predict_case
+from engine.task import builtin_tasks, display_channels, load_task
 from losses import build_loss, output_mode
 from metrics import aggregate, case_metrics, means
 from models import build_model, count_parameters
@@ -104,6 +105,9 @@ def train(cfg, info: dist.DistInfo, resume: dict | None, started: float) -> int:
 
     # ---------------- data: (synthetic) cases -> preprocessed cache -> split -> loader ----------------
     cache = prepare_data(cfg, info, log)
+    task = cache.task
+    if resume is not None:
+        check_resume_task(task, resume, cfg.out_dir)
     split = load_or_make_split(cfg, cache, resume is not None)
     geometries = {cid: cache.load(cid).geometry for cid in cache.case_ids}
     check_patch_size(cfg.data.patch_size, geometries)
@@ -113,7 +117,7 @@ def train(cfg, info: dist.DistInfo, resume: dict | None, started: float) -> int:
 
     # ---------------- model, loss, optimizer, schedule, mixed precision ----------------
     mode = output_mode(cfg.loss)
-    model = build_model(cfg.model, len(cfg.data.modalities), output_channels(mode),
+    model = build_model(cfg.model, len(cache.modalities), task.output_channels(mode),
                         patch_size=cfg.data.patch_size)
     if resume is not None:
         load_weights(model, resume)
@@ -126,7 +130,7 @@ def train(cfg, info: dist.DistInfo, resume: dict | None, started: float) -> int:
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.train.compile:
         train_model = torch.compile(train_model)
-    loss_fn = build_loss(cfg.loss).to(device)
+    loss_fn = build_loss(cfg.loss, task).to(device)
     optimizer = build_optimizer(model, cfg.train, device.type)
     iters = cfg.train.iters_per_epoch
     total_iters = cfg.train.epochs * iters
@@ -154,18 +158,21 @@ def train(cfg, info: dist.DistInfo, resume: dict | None, started: float) -> int:
         save_config(cfg, out_dir / "config.yaml")
         save_split(split, out_dir / "split.json")
         logger = RunLogger(out_dir, purge_step=iteration if resume is not None else None)
+        logger.text("val/legend", legend_markdown(task))
     dist.barrier()
     effective = cfg.data.batch_size * info.world_size
     log(f"{cfg.model.name}: {count_parameters(model) / 1e6:.2f} M parameters | device {device} x "
         f"{info.world_size} | precision {precision_name(amp_dtype)} | effective batch {effective} "
         f"({cfg.data.batch_size} x {info.world_size} processes) | {len(split['train'])} train / "
-        f"{len(split['val'])} val cases | out_dir {out_dir}")
+        f"{len(split['val'])} val cases | task {task.name} ({task.describe_labels()}; {mode} output over "
+        f"{', '.join(task.class_names[1:] if mode == 'labels' else task.training_region_names)}) | out_dir {out_dir}")
     if resume is not None:
         log(f"resumed at epoch {epoch + 1}, iteration {iteration} (lr {schedule.lr_at(iteration):.3g}, "
             f"best mean Dice {best['dice']:.4f})")
 
     # ---------------- the loop ----------------
-    channels = panel_channels(cfg.data.modalities)
+    channels = display_channels(cache.modalities)
+    regions = task.region_names
     stop = False
     last_val = None
     while epoch < cfg.train.epochs and not stop:
@@ -259,18 +266,18 @@ def train(cfg, info: dist.DistInfo, resume: dict | None, started: float) -> int:
             per_case, panel = validate(model, cache, split["val"], cfg, mode, info, channels)
             if is_main:
                 last_val = means(aggregate(per_case))
-                mean_dice = float(np.mean([last_val[r]["dice"] for r in REGIONS]))
+                mean_dice = float(np.mean([last_val[r]["dice"] for r in regions]))
                 improved = mean_dice > best["dice"]
                 if improved:
                     best = {"dice": mean_dice, "epoch": epoch}
                 log_validation(logger, last_val, mean_dice, best, per_case, panel, epoch, iteration, train_loss, lr)
-                log("validation Dice | " + " | ".join(f"{r} {last_val[r]['dice']:.4f}" for r in REGIONS)
+                log("validation Dice | " + " | ".join(f"{r} {last_val[r]['dice']:.4f}" for r in regions)
                     + f" | mean {mean_dice:.4f} | best {best['dice']:.4f} (epoch {best['epoch']}) | "
                     f"{len(per_case)} cases, {time.perf_counter() - val_start:.0f} s")
         rng = dist.all_gather_objects(rng_state(device))  # every rank's RNG states, for an exact resume
         if is_main:
             state = {
-                "config": to_dict(cfg), "convention": cache.convention, "modalities": list(cfg.data.modalities),
+                "config": to_dict(cfg), "task": task.to_dict(), "modalities": list(cache.modalities),
                 "output_mode": mode, "model": unwrap_model(model).state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
                 "scaler": scaler.state_dict(), "epoch": epoch, "epoch_iteration": epoch_iter,
@@ -286,7 +293,7 @@ def train(cfg, info: dist.DistInfo, resume: dict | None, started: float) -> int:
     if logger is not None:
         logger.close()
     if last_val is not None:
-        log("final validation Dice: " + ", ".join(f"{r} {last_val[r]['dice']:.4f}" for r in REGIONS)
+        log("final validation Dice: " + ", ".join(f"{r} {last_val[r]['dice']:.4f}" for r in regions)
             + f" (best mean {best['dice']:.4f} at epoch {best['epoch']})")
     if epoch < cfg.train.epochs:
         log(f"stopped by train.time_limit; continue with: python train.py --resume {out_dir / 'last.pt'}")
@@ -346,6 +353,19 @@ def check_config(cfg) -> None:
     for ok, key, value, rule in rules:
         if not ok:
             raise ConfigError(f"{key}: {value!r} must be {rule}")
+    if d.task != "auto":
+        load_task(d.task).select_modalities(d.modalities)  # TaskError naming data.task / data.modalities
+    if d.synthetic_cases > 0 and d.synthetic_task not in builtin_tasks():
+        raise ConfigError(f"data.synthetic_task: {d.synthetic_task!r} must be a built-in task "
+                          f"({', '.join(builtin_tasks())})")
+
+
+def check_resume_task(task, state: dict, out_dir: str) -> None:
+    """The data must be of the checkpoint's task (or a naming variant of it, e.g. 2021 <-> 2023)."""
+    trained = stored_task(state, out_dir)
+    if not trained.compatible_with(task):
+        raise UserError(f"{out_dir}: the checkpoint was trained on task {trained.name} ({trained.describe_labels()}) "
+                        f"but the data is task {task.name} ({task.describe_labels()}); a resumed run keeps its task")
 
 
 def check_resume(cfg, state: dict, path: str) -> None:
@@ -401,7 +421,7 @@ def prepare_data(cfg, info: dist.DistInfo, log):
             log(f"{root} does not exist: generating {cfg.data.synthetic_cases} synthetic cases of shape "
                 f"{'x'.join(map(str, cfg.data.synthetic_shape))} there (data.synthetic_cases)")
             generate_dataset(root, cfg.data.synthetic_cases, seed=cfg.data.seed,
-                             convention=cfg.data.synthetic_convention, shape=tuple(cfg.data.synthetic_shape),
+                             task=cfg.data.synthetic_task, shape=tuple(cfg.data.synthetic_shape),
                              workers=max(1, cfg.data.cache_workers))
         dist.barrier()
     cache = None
@@ -451,12 +471,11 @@ def precision_name(dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[dtype]
 
 
-def panel_channels(modalities: list[str]) -> tuple[int, int]:
-    """Indices of FLAIR and T1ce in the input channels (falls back to the first channels)."""
-    names = [canonical_modality(m) for m in modalities]
-    flair = names.index("flair") if "flair" in names else 0
-    t1ce = names.index("t1ce") if "t1ce" in names else min(1, len(names) - 1)
-    return flair, t1ce
+def legend_markdown(task) -> str:
+    """The colour legend of the image panels, as a Markdown table."""
+    rows = [f"| {name} | {value} | rgb{tuple(rgb)} |"
+            for name, value, rgb in zip(task.class_names[1:], task.label_values[1:], task.colours[1:])]
+    return "\n".join([f"Task {task.name}: overlay colours", "", "| label | value | colour |", "|---|---|---|"] + rows)
 
 
 def validate(model, cache, case_ids: list[str], cfg, mode: str, info: dist.DistInfo, channels):
@@ -473,13 +492,12 @@ def validate(model, cache, case_ids: list[str], cfg, mode: str, info: dist.DistI
         case = cache.load(case_id)
         images = torch.from_numpy(np.array(case.images, dtype=np.float32))  # a copy of the memory map
         probs = predict_case([net], images, infer_cfg, window, mode, info.device)
-        pred = probabilities_to_classes(probs, mode, cfg.infer.region_threshold).cpu().numpy()
+        pred = cache.task.decode(probs, mode, cfg.infer.region_threshold).cpu().numpy()
         ref = np.asarray(case.classes)
-        results[case_id] = case_metrics(pred, ref, case.geometry.spacing, convention=cfg.metrics.convention,
-                                        hd95=cfg.train.val_hd95, dilation=cfg.metrics.lesion_dilation,
-                                        min_volume=cfg.metrics.lesion_min_volume)
+        results[case_id] = case_metrics(pred, ref, case.geometry.spacing, cache.task,
+                                        convention=cfg.metrics.convention, hd95=cfg.train.val_hd95)
         if info.is_main and i == 0:
-            panel = validation_panel(np.asarray(case.images), ref, pred, channels)
+            panel = validation_panel(np.asarray(case.images), ref, pred, channels, cache.task.colours)
     merged = {}
     for part in dist.all_gather_objects(results):
         merged.update(part)
@@ -487,8 +505,8 @@ def validate(model, cache, case_ids: list[str], cfg, mode: str, info: dist.DistI
 
 
 def log_validation(logger, summary, mean_dice, best, per_case, panel, epoch, iteration, train_loss, lr) -> None:
-    scalars = {f"val/dice_{r}": summary[r]["dice"] for r in REGIONS}
-    scalars.update({f"val/hd95_{r}": summary[r]["hd95"] for r in REGIONS if "hd95" in summary[r]})
+    scalars = {f"val/dice_{r}": summary[r]["dice"] for r in summary}
+    scalars.update({f"val/hd95_{r}": summary[r]["hd95"] for r in summary if "hd95" in summary[r]})
     scalars.update({"val/dice_mean": mean_dice, "train/epoch_loss": train_loss})
     record = {"epoch": epoch, "iteration": iteration, "time": time.time(), "lr": lr, "train_loss": train_loss,
               "val": summary, "mean_dice": mean_dice, "best_dice": best["dice"], "best_epoch": best["epoch"],

@@ -7,9 +7,9 @@ Run folder: ``config.yaml``, ``split.json``, ``last.pt`` and ``best.pt`` exist a
 ``metrics.jsonl`` has at least ``--min-validations`` lines with finite Dice; the epoch training
 loss of the last validation is below that of the first (unless ``--no-loss-check``).
 Predictions: one ``<case_id>.nii.gz`` per case of ``--data``, each with the shape, affine and
-header codes of the case's first modality and only label values of the run's convention, and a
-``metrics.json`` with finite mean WT / TC / ET Dice over the cases that have a reference. Used by
-``bench/gpu_check.sh``.
+header codes of the case's first image file and only label values of the run's task (or a naming
+variant of it), and a ``metrics.json`` with a finite mean Dice for every region of the task over
+the cases that have a reference. Used by ``bench/gpu_check.sh``.
 """
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets.io import discover_cases  # noqa: E402
-from datasets.labels import LABEL_VALUES, REGIONS  # noqa: E402
-from engine.checkpoint import load_checkpoint  # noqa: E402
+from engine.checkpoint import load_checkpoint, stored_task  # noqa: E402
+from datasets.detect import choose_from_facts  # noqa: E402
+from engine.task import CaseFacts  # noqa: E402
 
 
 def check_run(run: Path, min_validations: int, loss_check: bool) -> tuple[dict, list[str]]:
@@ -42,7 +43,7 @@ def check_run(run: Path, min_validations: int, loss_check: bool) -> tuple[dict, 
         "validations": len(records),
         "train_loss": [round(r["train_loss"], 4) for r in records],
         "mean_dice": [round(r["mean_dice"], 4) for r in records],
-        "best": best["best"], "last_iteration": last["iteration"], "convention": last["convention"],
+        "best": best["best"], "last_iteration": last["iteration"], "task": stored_task(last, run / "last.pt").name,
         "world_size": last["world_size"],
     }
     if len(records) < min_validations:
@@ -54,17 +55,18 @@ def check_run(run: Path, min_validations: int, loss_check: bool) -> tuple[dict, 
     return summary, failures
 
 
-def check_predictions(predictions: Path, data: Path, convention: str) -> tuple[dict, list[str]]:
-    """``(summary, failures)`` of an infer.py output folder against the dataset it was run on."""
-    failures, allowed = [], set(LABEL_VALUES[convention])
+def check_predictions(predictions: Path, data: Path, task) -> tuple[dict, list[str]]:
+    """``(summary, failures)`` of an infer.py output folder against the dataset it was run on
+    (``task``: the run's; label values of any naming variant of it are accepted)."""
+    failures = []
     cases = discover_cases(data)
     for case in cases:
         path = predictions / f"{case.case_id}.nii.gz"
         if not path.exists():
             failures.append(f"{path} is missing")
             continue
-        pred, source = nib.load(path), nib.load(case.image_paths(["t1"])[0])
-        if pred.shape != source.shape:
+        pred, source = nib.load(path), nib.load(case.image_sources(task.modalities[:1], task)[0][0])
+        if pred.shape != source.shape[:3]:
             failures.append(f"{path}: shape {pred.shape} != input {source.shape}")
         if not np.allclose(pred.affine, source.affine, atol=1e-5):
             failures.append(f"{path}: affine differs from the input's")
@@ -72,8 +74,10 @@ def check_predictions(predictions: Path, data: Path, convention: str) -> tuple[d
                 (int(source.header["sform_code"]), int(source.header["qform_code"])):
             failures.append(f"{path}: sform/qform codes differ from the input's")
         values = set(np.unique(np.asarray(pred.dataobj)).tolist())
-        if not values <= allowed:
-            failures.append(f"{path}: label values {sorted(values)} outside {sorted(allowed)}")
+        own = choose_from_facts([CaseFacts(case.case_id, case.layout, None, None)], "auto", prefer=task).task
+        if not values <= set(own.label_values):  # the case's naming variant of the run's task
+            failures.append(f"{path}: label values {sorted(values)} are not labels of task {own.name} "
+                            f"({own.describe_labels()})")
     summary: dict = {"cases": len(cases)}
     report_path = predictions / "metrics.json"
     if any(case.seg is not None for case in cases):
@@ -81,7 +85,7 @@ def check_predictions(predictions: Path, data: Path, convention: str) -> tuple[d
             failures.append(f"{report_path} is missing")
         else:
             mean = json.loads(report_path.read_text())["mean"]
-            summary["mean_dice"] = {r: round(mean[r]["dice"], 4) for r in REGIONS}
+            summary["mean_dice"] = {r: round(mean[r]["dice"], 4) for r in task.region_names}
             if not all(math.isfinite(v) for v in summary["mean_dice"].values()):
                 failures.append(f"{report_path}: a mean Dice is not finite")
     return summary, failures
@@ -100,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     report, failures = {}, []
     report["run"], failures = check_run(args.run, args.min_validations, not args.no_loss_check)
     if args.predictions is not None and not failures:
-        report["predictions"], more = check_predictions(args.predictions, args.data, report["run"]["convention"])
+        task = stored_task(load_checkpoint(args.run / "last.pt"), args.run / "last.pt")
+        report["predictions"], more = check_predictions(args.predictions, args.data, task)
         failures += more
     report["failures"] = failures
     print(json.dumps(report, indent=2, default=str))

@@ -1,4 +1,4 @@
-"""Compare our Dice and HD95 with medpy and MONAI on random and blob-like masks (JSON out).
+"""Compare our Dice, HD95 and NSD with medpy and MONAI on random and blob-like masks (JSON out).
 
 The peers are not dependencies of this repository; install them into a throwaway folder:
 
@@ -6,7 +6,10 @@ The peers are not dependencies of this repository; install them into a throwaway
     PYTHONPATH=/tmp/peer_pkgs python bench/compare_metrics.py [--cases 40] [-o bench/results/compare_metrics.json]
 
 Expected: HD95 identical to medpy's ``hd95`` (same pooled definition); MONAI's HD95 (larger of
-the two directed 95th percentiles) >= ours. Missing peers are skipped with a note.
+the two directed 95th percentiles) >= ours; NSD at 0.5 and 1.0 mm equal (up to the script's 1e-8)
+to the BraTS 2025 scripts' ``normalized_surface_dice`` (``rachitsaluja/BraTS-2024-Metrics``, built
+on medpy's ``__surface_distances``; reproduced in ``brats_script_nsd``). Missing peers are skipped
+with a note.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import emit  # noqa: E402
 from metrics.overlap import dice_from_counts, mask_counts  # noqa: E402
-from metrics.surface import hd95  # noqa: E402
+from metrics.surface import NSD_TOLERANCES, hd95, nsd  # noqa: E402
 
 SPACINGS = [(1.0, 1.0, 1.0), (0.5, 0.5, 3.0), (1.2, 0.8, 2.5), (0.9375, 0.9375, 5.0)]
 
@@ -66,6 +69,16 @@ def pairs(rng: np.random.Generator, n: int):
             yield kind, ref, pred, SPACINGS[int(rng.integers(len(SPACINGS)))]
 
 
+def brats_script_nsd(surface_distances, a: np.ndarray, b: np.ndarray, threshold: float, spacing) -> float:
+    """``normalized_surface_dice`` of the BraTS 2025 metric scripts (``metrics_GLI.py`` and
+    siblings, from nnU-Net v1), given medpy's ``__surface_distances``; both masks non-empty."""
+    a_to_b = surface_distances(a, b, spacing, 1)
+    b_to_a = surface_distances(b, a, spacing, 1)
+    tp_a, tp_b = np.sum(a_to_b <= threshold) / len(a_to_b), np.sum(b_to_a <= threshold) / len(b_to_a)
+    fp, fn = np.sum(a_to_b > threshold) / len(a_to_b), np.sum(b_to_a > threshold) / len(b_to_a)
+    return float((tp_a + tp_b) / (tp_a + tp_b + fp + fn + 1e-8))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", type=int, default=40)
@@ -77,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         from medpy.metric import binary as medpy_binary
     except ImportError:
         medpy_binary = None
+    medpy_surface = getattr(medpy_binary, "__surface_distances", None) if medpy_binary is not None else None
     try:
         import torch
         from monai.metrics import compute_dice, compute_hausdorff_distance
@@ -97,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         if medpy_binary is not None:
             diffs["medpy_dice"].append(abs(ours_dice - medpy_binary.dc(pred, ref)))
             diffs["medpy_hd95"].append(abs(ours_hd - medpy_binary.hd95(pred, ref, voxelspacing=spacing)))
+        if medpy_surface is not None:
+            for tolerance in NSD_TOLERANCES:
+                official = brats_script_nsd(medpy_surface, pred, ref, tolerance, spacing)
+                diffs.setdefault(f"brats_script_nsd_{tolerance}", []).append(
+                    abs(nsd(pred, ref, spacing, tolerance) - official))
         if compute_hausdorff_distance is not None:
             p = torch.from_numpy(pred)[None, None].float()
             r = torch.from_numpy(ref)[None, None].float()

@@ -55,9 +55,11 @@ from datasets.preprocess import bounding_box, brain_mask, zscore_in_mask  # noqa
 from engine import sliding_window  # noqa: E402
 from engine.checkpoint import save_checkpoint  # noqa: E402
 from engine.config import Config, to_dict  # noqa: E402
+from engine.task import builtin_tasks  # noqa: E402
 from engine.sliding_window import FLIP_DIMS, sliding_window_predict, window_starts  # noqa: E402
 from models import build_model, count_parameters  # noqa: E402
 
+TASK = builtin_tasks()["brats-gli-2021"]  # the task of the synthetic benchmark case
 MODALITIES = ["t1", "t1ce", "t2", "flair"]
 SIGMA = 0.125  # Gaussian sigma as a fraction of the window, both libraries
 
@@ -83,7 +85,7 @@ def test_folder(case, work: Path) -> Path:
     """A dataset folder holding the case's images only (symlinks): infer.py computes no metrics."""
     folder = work / "test" / case.folder.parent.name / case.case_id
     folder.mkdir(parents=True, exist_ok=True)
-    for path in case.image_paths(MODALITIES):
+    for path, _ in case.image_sources(MODALITIES, TASK):
         link = folder / path.name
         link.unlink(missing_ok=True)
         link.symlink_to(path.resolve())
@@ -151,7 +153,7 @@ def monai_end_to_end_fn(case, model: nn.Module, out: Path, tta: bool, crop: bool
                      print_log=False)
     labels = torch.tensor([0, 1, 2, 4], dtype=torch.uint8)  # classes -> 2021 label values, as ours writes
     infer_fn = monai_infer_fn(model, args)
-    sample = {"image": [str(p) for p in case.image_paths(MODALITIES)]}
+    sample = {"image": [str(p) for p, _ in case.image_sources(MODALITIES, TASK)]}
 
     def run():
         data = preprocess(dict(sample))
@@ -215,10 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     ttas = [False] if args.no_tta else [False, True]
     with work_dir(args) as work:
         (case,), report["generate_s"] = synthetic_cases(work / "data", 1, args.shape)
-        ckpt = save_checkpoint({"config": to_dict(cfg), "convention": "2021", "model": model.cpu().state_dict()},
+        ckpt = save_checkpoint({"config": to_dict(cfg), "task": TASK.to_dict(), "modalities": MODALITIES,
+                                "model": model.cpu().state_dict()},
                                work / "unet.pt")
         model.to(device)
-        images, _, _ = read_case(case, MODALITIES, with_label=False)
+        images, _, _ = read_case(case, TASK, MODALITIES, with_label=False)
         mask = brain_mask(images)
         box = bounding_box(mask)
         crop = [b - a for a, b in box]

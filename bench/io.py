@@ -35,9 +35,10 @@ from datasets.cache import CacheIndex, build_case  # noqa: E402
 from datasets.io import read_case  # noqa: E402
 from datasets.preprocess import preprocess_case  # noqa: E402
 from datasets.sampling import choose_patch_start, extract_patch  # noqa: E402
+from engine.task import builtin_tasks  # noqa: E402
 
 MODALITIES = ["t1", "t1ce", "t2", "flair"]
-CONVENTION = "2021"  # synthetic cases use the 2021 labels (ET = 4)
+TASK = builtin_tasks()["brats-gli-2021"]  # synthetic cases use the 2021 labels (ET = 4)
 FOREGROUND_FRACTION = 0.33  # as configs/unet3d.yaml
 
 
@@ -74,28 +75,29 @@ def main(argv: list[str] | None = None) -> int:
     with work_dir(args) as work:
         (case,), generate_s = synthetic_cases(work / "data", 1, args.shape)
         report["generate_s"] = generate_s
-        files = case.image_paths(MODALITIES) + [case.seg]
+        files = case.source_files(MODALITIES, TASK)
         report["nifti_mb"] = round(sum(p.stat().st_size for p in files) / 2**20, 2)
 
         # ---- the raw case: nibabel read, preprocessing, cache build ----
-        timed("nifti_read", lambda: read_case(case, MODALITIES))
+        timed("nifti_read", lambda: read_case(case, TASK, MODALITIES))
         if cold_ok:
-            timed("nifti_read_cold", lambda: (drop_from_page_cache(files), read_case(case, MODALITIES)), warmup=0)
-        images, seg, geometry = read_case(case, MODALITIES)
-        timed("preprocess", lambda: preprocess_case(images, seg, geometry, CONVENTION))
-        cropped, classes, _ = preprocess_case(images, seg, geometry, CONVENTION)
+            timed("nifti_read_cold", lambda: (drop_from_page_cache(files), read_case(case, TASK, MODALITIES)), warmup=0)
+        images, seg, geometry = read_case(case, TASK, MODALITIES)
+        timed("preprocess", lambda: preprocess_case(images, seg, geometry, TASK))
+        cropped, classes, _ = preprocess_case(images, seg, geometry, TASK)
         report["brain_crop_shape"] = list(classes.shape)
         for dtype in ("float32", "float16"):
             folder = work / f"cache_{dtype}"
             folder.mkdir(exist_ok=True)
-            timed(f"cache_build_{dtype}", lambda: build_case(case, MODALITIES, CONVENTION, folder, dtype), warmup=0)
+            timed(f"cache_build_{dtype}", lambda: build_case(case, MODALITIES, TASK, folder, dtype), warmup=0)
             npy = folder / f"{case.case_id}_image.npy"
             report[f"cache_{dtype}_mb"] = round((npy.stat().st_size + (folder / f"{case.case_id}_label.npy").stat()
                                                  .st_size) / 2**20, 2)
 
         # ---- one training patch from the memory-mapped cache ----
         for dtype in ("float32", "float16"):
-            index = CacheIndex(folder=work / f"cache_{dtype}", convention=CONVENTION, case_ids=[case.case_id])
+            index = CacheIndex(folder=work / f"cache_{dtype}", task=TASK, modalities=TASK.modalities,
+                               case_ids=[case.case_id])
             cached_files = [index.folder / f"{case.case_id}_{part}.npy" for part in ("image", "label")]
             rng = np.random.default_rng(0)
 
@@ -125,7 +127,7 @@ def monai_io(monai, case, work: Path, args, timed, report: dict) -> dict:
     from monai.data import PersistentDataset
     from monai.transforms import Compose, CropForegroundd, EnsureChannelFirstd, LoadImaged, NormalizeIntensityd
 
-    sample = {"image": [str(p) for p in case.image_paths(MODALITIES)], "label": str(case.seg)}
+    sample = {"image": [str(p) for p, _ in case.image_sources(MODALITIES, TASK)], "label": str(case.seg)}
     load = Compose([LoadImaged(keys=["image", "label"], image_only=True),
                     EnsureChannelFirstd(keys=["image", "label"])])
     read = timed("monai_load_imaged", lambda: load(dict(sample)))

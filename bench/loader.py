@@ -46,6 +46,7 @@ from datasets.augment import Augmenter  # noqa: E402
 from datasets.cache import prepare_cache  # noqa: E402
 from datasets.loader import PREFETCH_FACTOR, build_train_loader  # noqa: E402
 from engine.config import load_config  # noqa: E402
+from engine.task import builtin_tasks  # noqa: E402
 
 SCENARIOS = {  # name -> (config, number of cases, case shape or None = the config's synthetic_shape)
     "full": ("unet3d.yaml", 2, (240, 240, 155)),
@@ -163,7 +164,9 @@ def monai_loader(cache_cases, cfg, augment: bool, cached: bool, workers: int, ar
     from monai.data import CacheDataset, DataLoader, Dataset
     from monai.transforms import Compose
 
-    data = [{"image": [str(p) for p in case.image_paths(cfg.data.modalities)], "label": str(case.seg)}
+    task = builtin_tasks()["brats-gli-2021"]  # the synthetic benchmark data's task
+    modalities = task.select_modalities(cfg.data.modalities)
+    data = [{"image": [str(p) for p, _ in case.image_sources(modalities, task)], "label": str(case.seg)}
             for case in cache_cases]
     deterministic, random = monai_transforms(cfg, augment)
     if cached:

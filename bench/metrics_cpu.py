@@ -1,11 +1,13 @@
 """Per-case CPU time of the BraTS metrics on a full 240 x 240 x 155 case (JSON out).
 
-    python bench/metrics_cpu.py [--repeats 5] [-o bench/results/metrics_cpu.json]
+    python bench/metrics_cpu.py [--repeats 5] [--task brats-gli-2023] [-o bench/results/metrics_cpu.json]
 
 The case is a synthetic tumour (edema shell around a core with an enhancing rim and necrosis,
 about 1e5 WT voxels) and a prediction that is shifted, eroded in places and has a stray
-enhancing island. Reports the median seconds of ``case_metrics`` without HD95, with HD95, and
-under the lesion-wise convention, plus the parts (confusion counts, HD95 of each region).
+enhancing island, as training classes 1 core, 2 edema, 3 enhancing (the class order of every
+glioma-like task; ``--task`` picks the regions and lesion rules). Reports the median seconds of
+``case_metrics`` without surface metrics, with them (HD95 + NSD from one distance computation),
+and under the lesion-wise convention, plus the parts (confusion counts, HD95 of each region).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import emit  # noqa: E402
+from engine.task import load_task  # noqa: E402
 from metrics import case_metrics, confusion_matrix, hd95  # noqa: E402
 
 SHAPE = (240, 240, 155)
@@ -58,29 +61,33 @@ def median_time(fn, repeats: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--task", default="brats-gli-2023",
+                        help="task name or YAML whose regions and lesion rules are timed (default brats-gli-2023)")
     parser.add_argument("-o", "--output", help="also write the JSON here")
     args = parser.parse_args(argv)
+    task = load_task(args.task)
     pred, ref = synthetic_case()
     spacing = (1.0, 1.0, 1.0)
-    case_metrics(pred, ref, spacing)  # warm-up
-    region_masks = {"WT": (pred > 0, ref > 0), "TC": (np.isin(pred, (1, 3)), np.isin(ref, (1, 3))),
-                    "ET": (pred == 3, ref == 3)}
+    case_metrics(pred, ref, spacing, task)  # warm-up
+    region_masks = {r.name: (np.isin(pred, r.classes), np.isin(ref, r.classes)) for r in task.regions}
     result = {
         "shape": list(SHAPE),
-        "voxels": {"WT_ref": int((ref > 0).sum()), "TC_ref": int(np.isin(ref, (1, 3)).sum()),
-                   "ET_ref": int((ref == 3).sum())},
+        "task": task.name,
+        "voxels": {f"{name}_ref": int(r.sum()) for name, (_, r) in region_masks.items()},
         "repeats": args.repeats,
         "seconds_per_case": {
-            "legacy_without_hd95": median_time(lambda: case_metrics(pred, ref, spacing, hd95=False), args.repeats),
-            "legacy_with_hd95": median_time(lambda: case_metrics(pred, ref, spacing), args.repeats),
-            "lesionwise_with_hd95": median_time(lambda: case_metrics(pred, ref, spacing, "lesionwise"), args.repeats),
+            "legacy_without_hd95": median_time(lambda: case_metrics(pred, ref, spacing, task, hd95=False),
+                                               args.repeats),
+            "legacy_with_hd95": median_time(lambda: case_metrics(pred, ref, spacing, task), args.repeats),
+            "lesionwise_with_hd95": median_time(lambda: case_metrics(pred, ref, spacing, task, "lesionwise"),
+                                                args.repeats),
         },
         "seconds_parts": {
-            "confusion_matrix": median_time(lambda: confusion_matrix(pred, ref), args.repeats),
+            "confusion_matrix": median_time(lambda: confusion_matrix(pred, ref, task.num_classes), args.repeats),
             **{f"hd95_{name}_full_volume": median_time(lambda p=p, r=r: hd95(p, r, spacing), args.repeats)
                for name, (p, r) in region_masks.items()},
         },
-        "scores_legacy": case_metrics(pred, ref, spacing),
+        "scores_legacy": case_metrics(pred, ref, spacing, task),
         "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version(),
                     "numpy": np.__version__},
     }

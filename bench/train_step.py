@@ -53,16 +53,21 @@ from bench.common import (ROOT, benchmark_parser, finish, import_monai, load_ave
                           work_dir)
 from datasets.augment import Augmenter  # noqa: E402
 from datasets.cache import prepare_cache  # noqa: E402
-from datasets.labels import classes_to_regions_batch, output_channels  # noqa: E402
 from datasets.loader import PREFETCH_FACTOR, build_train_loader  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.optim import build_optimizer  # noqa: E402
+from engine.task import builtin_tasks  # noqa: E402
 from losses import build_loss, output_mode  # noqa: E402
 from models import build_model, count_parameters  # noqa: E402
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # fp16 would need train.py's GradScaler
 CPU_CONFIGS = ["configs/unet3d_tiny.yaml", "configs/swin_unetr_tiny.yaml"]
 GPU_CONFIGS = ["configs/unet3d.yaml", "configs/swin_unetr.yaml"]
+TASK = builtin_tasks()["brats-gli-2021"]  # the task of the synthetic benchmark data
+
+
+def in_channels(cfg) -> int:
+    return len(TASK.select_modalities(cfg.data.modalities))
 
 
 class Trainer:
@@ -73,13 +78,13 @@ class Trainer:
         self.cfg, self.device = cfg, device
         mode = output_mode(cfg.loss)
         torch.manual_seed(0)
-        self.model = build_model(cfg.model, len(cfg.data.modalities), output_channels(mode),
+        self.model = build_model(cfg.model, in_channels(cfg), TASK.output_channels(mode),
                                  patch_size=cfg.data.patch_size).to(device).train()
         self.channels_last = channels_last
         if channels_last:
             self.model.to(memory_format=torch.channels_last_3d)
         self.forward = torch.compile(self.model) if compile_model else self.model
-        self.loss_fn = (loss_fn or build_loss(cfg.loss)).to(device)
+        self.loss_fn = (loss_fn or build_loss(cfg.loss, TASK)).to(device)
         self.optimizer = build_optimizer(self.model, cfg.train, device.type)
         self.amp = AMP_DTYPES[precision]
         self.max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
@@ -142,7 +147,7 @@ def estimate_memory(config: Path, size: int, batch: int, precision: str, checkpo
                                f"model.checkpointing={str(checkpointing).lower()}"])
     trainer = Trainer(cfg, torch.device("cpu"), precision, False, False)
     with FakeTensorMode(allow_non_fake_inputs=True):
-        image = torch.empty(batch, len(cfg.data.modalities), size, size, size)
+        image = torch.empty(batch, in_channels(cfg), size, size, size)
         label = torch.zeros(batch, size, size, size, dtype=torch.long)
         activations, _ = saved_bytes(lambda: trainer.loss(image, label), trainer.model)
     params = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
@@ -155,7 +160,7 @@ def random_batch(cfg, batch: int, device: torch.device) -> tuple[torch.Tensor, t
     """Image ``(B, C, *patch)`` N(0, 1) and classes ``(B, *patch)`` int64 with every class present."""
     generator = torch.Generator().manual_seed(0)
     shape = (batch, *cfg.data.patch_size)
-    image = torch.randn(batch, len(cfg.data.modalities), *cfg.data.patch_size, generator=generator)
+    image = torch.randn(batch, in_channels(cfg), *cfg.data.patch_size, generator=generator)
     label = torch.randint(0, 4, shape, generator=generator)
     return image.to(device), label.to(device)
 
@@ -264,7 +269,7 @@ def monai_loss(cfg) -> tuple[nn.Module, str]:
 def monai_targets(cfg):
     """Targets MONAI's loss takes: region maps ``(B, 3, ...)`` float or classes ``(B, 1, ...)``."""
     if output_mode(cfg.loss) == "regions":
-        return classes_to_regions_batch
+        return TASK.training_targets
     return lambda label: label[:, None]
 
 
@@ -288,7 +293,7 @@ def loss_only(cfg, device, args, monai_fn: nn.Module) -> dict:
         outputs = trainer.model(image)
     outputs = [o.detach().requires_grad_() for o in (outputs if isinstance(outputs, list) else [outputs])]
     prediction = outputs if len(outputs) > 1 else outputs[0]
-    ours_fn, target = build_loss(cfg.loss).to(device), monai_targets(cfg)(label)
+    ours_fn, target = build_loss(cfg.loss, TASK).to(device), monai_targets(cfg)(label)
 
     def run(fn, tgt):
         loss = fn(prediction, tgt)

@@ -4,10 +4,18 @@ The contract (after nnU-Net): the reader returns ``(array, geometry)`` and the w
 same ``geometry``, so a prediction is written back with the input's affine, header and shape by
 construction::
 
-    cases = discover_cases("data/brats")                  # both naming conventions
-    images, seg, geom = read_case(cases[0], ["t1", "t1ce", "t2", "flair"])
-    # images: (C, X, Y, Z) float32, header scaling applied; seg: (X, Y, Z) int file labels or None
+    cases = discover_cases("data/brats")                  # any BraTS naming, or the MSD layout
+    images, seg, geom = read_case(cases[0], task)         # task: engine.task.Task
+    # images: (C, X, Y, Z) float32, header scaling applied; seg: (X, Y, Z) uint8 file labels or None
     write_segmentation(labels, geom, "out/BraTS2021_00000.nii.gz")  # uint8, input's affine+header
+
+Two layouts are found:
+
+- ``brats``: one folder per case, ``NAME/NAME[_-]<suffix>.nii[.gz]``: a file per modality (any
+  suffix, e.g. ``t1``/``t1n``, ``t1c``, ``flair``) and the label file (``seg``, or ``gtv`` for
+  MEN-RT);
+- ``msd`` (Medical Segmentation Decathlon): ``imagesTr/NAME.nii.gz`` (one 4D file holding every
+  modality) with ``labelsTr/NAME.nii.gz``, and ``imagesTs/`` without labels.
 
 Every problem with a file is a ``CaseError`` (a ``UserError``): one line naming the file.
 """
@@ -17,21 +25,16 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import nibabel as nib
 import numpy as np
 
 from engine.errors import UserError
+from engine.task import Task, builtin_tasks, canonical_modality
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-# every accepted modality name -> canonical (2021) name
-MODALITY_ALIASES = {
-    "t1": "t1", "t1n": "t1",
-    "t1ce": "t1ce", "t1c": "t1ce",
-    "t2": "t2", "t2w": "t2",
-    "flair": "flair", "t2f": "flair",
-}
-LABEL_SUFFIX = "seg"
+MSD_IMAGE_FOLDERS = {"imagesTr": "labelsTr", "imagesTs": "labelsTs"}  # image folder -> its label folder
 
 
 class CaseError(UserError):
@@ -40,23 +43,47 @@ class CaseError(UserError):
 
 @dataclass
 class Case:
-    """One BraTS case folder. ``images`` maps canonical modality names to files."""
+    """One case. ``files`` maps each file suffix (lower case) of a case folder to its file;
+    ``seg`` is the label file (``None``: inference only); ``volume`` is the MSD 4D image."""
 
     case_id: str
     folder: Path
-    images: dict[str, Path]
+    files: dict[str, Path] = field(default_factory=dict)
     seg: Path | None = None
+    layout: str = "brats"
+    volume: Path | None = None
 
-    def image_paths(self, modalities: list[str]) -> list[Path]:
-        """Files for ``modalities`` (any alias) in that order; ``CaseError`` if one is missing."""
-        paths = []
+    def modalities_present(self) -> frozenset[str] | None:
+        """Canonical modality names of the image files (``None`` for an MSD 4D file: not named)."""
+        if self.layout == "msd":
+            return None
+        return frozenset(canonical_modality(suffix) for suffix in self.files)
+
+    def image_sources(self, modalities: Sequence[str], task: Task) -> list[tuple[Path, int | None]]:
+        """``(file, channel)`` of each of ``modalities`` (any alias), in that order: the case
+        folder's file of that modality (channel ``None``), or the MSD 4D file and the channel
+        the task gives the modality. ``CaseError`` naming what is missing."""
+        sources = []
         for name in modalities:
             canonical = canonical_modality(name)
-            if canonical not in self.images:
-                found = ", ".join(sorted(self.images)) or "none"
+            if self.layout == "msd":
+                if canonical not in task.modalities:
+                    raise CaseError(f"{self.volume}: task {task.name} has no modality '{name}' "
+                                    f"(its 4D images hold {', '.join(task.file_modalities)})")
+                sources.append((self.volume, task.modalities.index(canonical)))
+                continue
+            matches = [path for suffix, path in self.files.items() if canonical_modality(suffix) == canonical]
+            if not matches:
+                found = ", ".join(sorted(self.files)) or "none"
                 raise CaseError(f"{self.folder}: case {self.case_id} has no '{name}' image (found: {found})")
-            paths.append(self.images[canonical])
-        return paths
+            sources.append((matches[0], None))
+        return sources
+
+    def source_files(self, modalities: Sequence[str], task: Task) -> list[Path]:
+        """The distinct files read for ``modalities`` (and the label file), in order."""
+        paths = [path for path, _ in self.image_sources(modalities, task)]
+        paths += [self.seg] if self.seg is not None else []
+        return list(dict.fromkeys(paths))
 
 
 @dataclass
@@ -66,7 +93,7 @@ class Geometry:
     ``affine``/``header`` come from the first modality file; ``shape`` is its 3D shape;
     ``crop_box`` is ``((x0, x1), (y0, y1), (z0, z1))`` of the brain crop (full volume until
     preprocessing sets it); ``label_dtype`` is the on-disk dtype of the seg file (if any);
-    ``convention`` is the label convention ("2021"/"2023") once known.
+    ``task`` is the name of the case's task once known.
     """
 
     affine: np.ndarray
@@ -74,7 +101,7 @@ class Geometry:
     shape: tuple[int, int, int]
     label_dtype: str = "uint8"
     crop_box: tuple[tuple[int, int], ...] | None = None
-    convention: str | None = None
+    task: str | None = None
     source: str = ""
 
     @property
@@ -93,7 +120,7 @@ class Geometry:
         return {
             "affine": self.affine.tolist(), "shape": list(self.shape), "label_dtype": self.label_dtype,
             "crop_box": [list(b) for b in self.crop_box] if self.crop_box else None,
-            "convention": self.convention, "source": self.source,
+            "task": self.task, "source": self.source,
         }
 
     @classmethod
@@ -102,64 +129,102 @@ class Geometry:
         return cls(affine=np.asarray(record["affine"], dtype=np.float64), header=None,
                    shape=tuple(record["shape"]), label_dtype=record.get("label_dtype", "uint8"),
                    crop_box=tuple(tuple(b) for b in box) if box else None,
-                   convention=record.get("convention"), source=record.get("source", ""))
+                   task=record.get("task"), source=record.get("source", ""))
 
 
-def canonical_modality(name: str) -> str:
-    """``'t2f'`` -> ``'flair'``; unknown names are a ``UserError`` listing the valid ones."""
-    key = name.lower()
-    if key not in MODALITY_ALIASES:
-        raise UserError(f"unknown modality '{name}' (valid: {', '.join(MODALITY_ALIASES)})")
-    return MODALITY_ALIASES[key]
+def label_suffixes(extra: Sequence[str] = ()) -> tuple[str, ...]:
+    """File suffixes that mark a label file: every built-in task's (``seg``, ``gtv``) and ``extra``."""
+    names = [t.label_file for t in builtin_tasks().values()] + [s.lower() for s in extra]
+    return tuple(dict.fromkeys(names))
 
 
 # ----------------------------------------------------------------------------------------------
 # Discovery
 # ----------------------------------------------------------------------------------------------
-def discover_cases(root: str | Path) -> list[Case]:
-    """Cases under ``root`` (sorted by id), or ``root`` itself if it is one case folder.
+def discover_cases(root: str | Path, extra_label_suffixes: Sequence[str] = ()) -> list[Case]:
+    """Cases under ``root`` (sorted by id): case folders (``root`` itself may be one), or the MSD
+    layout (``root`` holding ``imagesTr``/``imagesTs``, or being one of those folders).
 
-    A case folder ``NAME/`` holds ``NAME_{t1,t1ce,t2,flair,seg}.nii[.gz]`` (2018-2021) or
-    ``NAME-{t1n,t1c,t2w,t2f,seg}.nii[.gz]`` (2023+, any ``BraTS-XXX-`` prefix). Cases without a
-    seg file are inference-only (``case.seg is None``).
+    A case folder ``NAME/`` holds ``NAME[_-]<suffix>.nii[.gz]`` files; the label file's suffix
+    is one of ``label_suffixes(extra_label_suffixes)``. Cases without a label file are
+    inference-only (``case.seg is None``). Files starting with ``.`` are ignored.
     """
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: data folder not found")
-    single = _parse_case_folder(root)
+    labels = label_suffixes(extra_label_suffixes)
+    msd = _discover_msd(root)
+    if msd is not None:
+        return msd
+    single = _parse_case_folder(root, labels)
     if single is not None:
         return [single]
-    cases = [c for c in (_parse_case_folder(p) for p in sorted(root.iterdir()) if p.is_dir()) if c]
+    cases = [c for c in (_parse_case_folder(p, labels) for p in sorted(root.iterdir()) if p.is_dir()) if c]
     if not cases:
         raise UserError(f"{root}: no BraTS cases found (expected case folders like "
-                        "BraTS2021_00000/BraTS2021_00000_t1.nii.gz or BraTS-GLI-00000-000/BraTS-GLI-00000-000-t1n.nii.gz)")
+                        "BraTS2021_00000/BraTS2021_00000_t1.nii.gz or BraTS-GLI-00000-000/BraTS-GLI-00000-000-t1n.nii.gz, "
+                        "or an MSD folder with imagesTr/)")
     return cases
 
 
-def _parse_case_folder(folder: Path) -> Case | None:
+def _parse_case_folder(folder: Path, labels: Sequence[str]) -> Case | None:
     case_id = folder.name
     pattern = re.compile(re.escape(case_id) + r"[_-]([A-Za-z0-9]+)(\.nii\.gz|\.nii)$", re.IGNORECASE)
-    images: dict[str, Path] = {}
+    files: dict[str, Path] = {}
     seg = None
     for path in sorted(folder.iterdir()):
         match = pattern.fullmatch(path.name)
         if not match or not path.is_file():
             continue
         suffix = match.group(1).lower()
-        if suffix == LABEL_SUFFIX:
-            seg = path
-        elif suffix in MODALITY_ALIASES:
-            images[MODALITY_ALIASES[suffix]] = path
-    if not images and seg is None:
+        if suffix in labels:
+            seg = seg or path
+        else:
+            files[suffix] = path
+    if not files and seg is None:
         return None
-    return Case(case_id=case_id, folder=folder, images=images, seg=seg)
+    return Case(case_id=case_id, folder=folder, files=files, seg=seg)
+
+
+def _discover_msd(root: Path) -> list[Case] | None:
+    """MSD cases of ``root`` (holding ``imagesTr``/``imagesTs``, or being one), else ``None``."""
+    if root.name in MSD_IMAGE_FOLDERS:
+        pairs = [(root, root.parent / MSD_IMAGE_FOLDERS[root.name])]
+    else:
+        pairs = [(root / i, root / l) for i, l in MSD_IMAGE_FOLDERS.items() if (root / i).is_dir()]
+    if not pairs:
+        return None
+    cases: dict[str, Case] = {}
+    for images, labels in pairs:
+        for path in sorted(images.iterdir()):
+            case_id = nifti_stem(path)
+            if case_id is None:
+                continue
+            if case_id in cases:
+                raise CaseError(f"{path}: case {case_id} is also in {cases[case_id].volume.parent}")
+            seg = next((labels / f"{case_id}{s}" for s in NIFTI_SUFFIXES if (labels / f"{case_id}{s}").is_file()), None)
+            cases[case_id] = Case(case_id=case_id, folder=images, seg=seg, layout="msd", volume=path)
+    if not cases:
+        raise UserError(f"{root}: the MSD image folders ({', '.join(str(i) for i, _ in pairs)}) hold no .nii.gz files")
+    return [cases[k] for k in sorted(cases)]
+
+
+def nifti_stem(path: Path) -> str | None:
+    """``'BRATS_001'`` for ``BRATS_001.nii.gz``; ``None`` for hidden files and other files."""
+    if not path.is_file() or path.name.startswith("."):
+        return None
+    for suffix in NIFTI_SUFFIXES:
+        if path.name.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
 # Reading
 # ----------------------------------------------------------------------------------------------
-def load_nifti(path: str | Path) -> nib.Nifti1Image:
-    """Load a NIfTI header (data stays on disk); ``CaseError`` if unreadable or not 3D."""
+def load_nifti(path: str | Path, channels: bool = False) -> nib.Nifti1Image:
+    """Load a NIfTI header (data stays on disk); ``CaseError`` if unreadable or not 3D (with
+    ``channels``: 3D or 4D, the 4th axis holding modalities)."""
     path = Path(path)
     if not path.is_file():
         raise CaseError(f"{path}: file not found")
@@ -168,10 +233,10 @@ def load_nifti(path: str | Path) -> nib.Nifti1Image:
     except Exception as err:  # nibabel raises many types for corrupt files
         raise CaseError(f"{path}: cannot read NIfTI ({_one_line(err)})") from None
     shape = img.shape
-    if len(shape) == 4 and shape[3] == 1:
+    if len(shape) == 4 and shape[3] == 1 and not channels:
         img = img.slicer[..., 0]
-    elif len(shape) != 3:
-        raise CaseError(f"{path}: expected a 3D volume, got shape {tuple(shape)}")
+    elif len(shape) != 3 and not (channels and len(shape) == 4):
+        raise CaseError(f"{path}: expected a {'3D or 4D' if channels else '3D'} volume, got shape {tuple(shape)}")
     return img
 
 
@@ -196,40 +261,57 @@ def read_label(img: nib.Nifti1Image, path: Path) -> np.ndarray:
     if not np.issubdtype(data.dtype, np.integer):
         if not np.isfinite(data).all() or not np.array_equal(data, np.round(data)):
             raise CaseError(f"{path}: label file has non-integer values")
-    if data.min() < 0 or data.max() > 255:
+    if data.size and (data.min() < 0 or data.max() > 255):
         raise CaseError(f"{path}: label values out of range [{data.min()}, {data.max()}]")
     return data.astype(np.uint8)
 
 
-def read_case(case: Case, modalities: list[str], with_label: bool = True
+def read_case(case: Case, task: Task, modalities: Sequence[str] | None = None, with_label: bool = True
               ) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
-    """Read ``modalities`` (and the seg file, if present and ``with_label``) of one case.
+    """Read ``modalities`` (default: the task's) and, if present and ``with_label``, the label
+    file of one case.
 
     Returns ``images (C, X, Y, Z) float32``, ``seg (X, Y, Z) uint8 file labels or None`` and the
-    ``Geometry`` of the first modality. Every file must share its shape and affine.
+    ``Geometry`` of the first image file. Every file must share its shape and affine.
     """
-    paths = case.image_paths(modalities)
-    ref = load_nifti(paths[0])
-    shape = tuple(int(s) for s in ref.shape)
-    images = np.empty((len(paths),) + shape, dtype=np.float32)
-    for i, path in enumerate(paths):
-        img = ref if i == 0 else load_nifti(path)
-        _check_same_grid(img, ref, path, paths[0])
-        images[i] = read_image(img, path)
-    geometry = Geometry(affine=ref.affine.copy(), header=ref.header.copy(), shape=shape,
-                        source=str(paths[0]))
+    sources = case.image_sources(task.modalities if modalities is None else modalities, task)
+    ref_path = sources[0][0]
+    ref = load_nifti(ref_path, channels=case.layout == "msd")
+    shape = tuple(int(s) for s in ref.shape[:3])
+    images = np.empty((len(sources),) + shape, dtype=np.float32)
+    volumes: dict[Path, np.ndarray] = {}
+    for i, (path, channel) in enumerate(sources):
+        if channel is None:
+            img = ref if i == 0 else load_nifti(path)
+            _check_same_grid(img, ref, path, ref_path)
+            images[i] = read_image(img, path)
+            continue
+        if path not in volumes:  # an MSD 4D file: decompressed once for all its channels
+            volumes[path] = _read_channels(ref if path == ref_path else load_nifti(path, channels=True), path, task)
+        images[i] = volumes[path][..., channel]
+    geometry = Geometry(affine=ref.affine.copy(), header=ref.header.copy(), shape=shape, source=str(ref_path))
     seg = None
     if with_label and case.seg is not None:
         seg_img = load_nifti(case.seg)
-        _check_same_grid(seg_img, ref, case.seg, paths[0])
+        _check_same_grid(seg_img, ref, case.seg, ref_path)
         seg = read_label(seg_img, case.seg)
         geometry.label_dtype = str(seg_img.get_data_dtype())
     return images, seg, geometry
 
 
+def _read_channels(img: nib.Nifti1Image, path: Path, task: Task) -> np.ndarray:
+    """A 4D ``(X, Y, Z, C)`` image whose C must be the task's modality count."""
+    count = img.shape[3] if len(img.shape) == 4 else 1
+    if count != len(task.modalities):
+        raise CaseError(f"{path}: the 4D image has {count} channel(s), task {task.name} expects "
+                        f"{len(task.modalities)} ({', '.join(task.file_modalities)})")
+    data = read_image(img, path)
+    return data if data.ndim == 4 else data[..., None]
+
+
 def _check_same_grid(img, ref, path: Path, ref_path: Path) -> None:
-    if tuple(img.shape) != tuple(ref.shape):
-        raise CaseError(f"{path}: shape {tuple(img.shape)} differs from {ref_path.name} {tuple(ref.shape)}")
+    if tuple(img.shape[:3]) != tuple(ref.shape[:3]):
+        raise CaseError(f"{path}: shape {tuple(img.shape)} differs from {ref_path.name} {tuple(ref.shape[:3])}")
     if not np.allclose(img.affine, ref.affine, atol=1e-3):
         raise CaseError(f"{path}: affine differs from {ref_path.name} (modalities are not co-registered)")
 

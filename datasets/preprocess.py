@@ -1,16 +1,18 @@
 """Preprocessing shared by the training cache and inference: crop to the brain, z-score inside it.
 
-    images, classes, geometry = preprocess_case(images, seg, geometry, convention)
+    images, classes, geometry = preprocess_case(images, seg, geometry, task)
     # images (C, x, y, z) float32, z-scored inside the brain, background exactly 0
-    # classes (x, y, z) uint8 training classes (0 bg, 1 NCR, 2 ED, 3 ET) or None
-    # geometry.crop_box set, geometry.convention recorded
+    # classes (x, y, z) uint8 training classes of the task (0 background, 1..K) or None
+    # geometry: a copy of the input's with the crop box and the task recorded
 """
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
 from datasets.io import Geometry
-from datasets.labels import labels_to_classes
+from engine.task import Task
 
 
 def brain_mask(images: np.ndarray) -> np.ndarray:
@@ -52,20 +54,17 @@ def zscore_in_mask(images: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def preprocess_case(images: np.ndarray, seg: np.ndarray | None, geometry: Geometry,
-                    convention: str | None) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
-    """Crop to the brain box, z-score each modality inside the brain, labels -> classes.
+                    task: Task) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
+    """Crop to the brain box, z-score each modality inside the brain, file labels -> classes.
 
-    ``seg`` holds file labels of ``convention``; it must be given when ``seg`` is. The
-    returned geometry carries the crop box and the convention for writing predictions back.
+    ``seg`` holds file labels of ``task`` (``ValueError`` for other values). Returns a new
+    geometry (the input's is not changed) carrying the crop box and the task's name, for
+    writing predictions back.
     """
     mask = brain_mask(images)
     box = bounding_box(mask)
     cropped = zscore_in_mask(crop(images, box), crop(mask, box))
     classes = None
     if seg is not None:
-        if convention is None:
-            raise ValueError("a label convention is needed to convert labels to classes")
-        classes = np.ascontiguousarray(labels_to_classes(crop(seg, box), convention))
-    geometry.crop_box = box
-    geometry.convention = convention
-    return np.ascontiguousarray(cropped), classes, geometry
+        classes = np.ascontiguousarray(task.labels_to_classes(crop(seg, box)))
+    return np.ascontiguousarray(cropped), classes, dataclasses.replace(geometry, crop_box=box, task=task.name)

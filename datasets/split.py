@@ -1,12 +1,18 @@
-"""Train/validation split: from a JSON file, or one fold of a seeded k-fold split.
+"""Train/validation split: from a JSON file, or one fold of a seeded k-fold split by patient.
 
     split = make_split(index.case_ids, cfg.data)   # {"train": [...], "val": [...]}
     save_split(split, run_dir / "split.json")      # the run records which cases it used
+
+``BraTS-XXX-NNNNN-TTT`` (any cohort, also ``BraTS-MEN-RT-NNNN-T``) is time point ``TTT`` of
+patient ``BraTS-XXX-NNNNN``: the k-fold split keeps all time points of a patient in one fold, so
+no patient is in both training and validation. Other ids (``BraTS2021_00000``, ``BRATS_001``)
+are one patient each.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -16,32 +22,81 @@ from engine.config import DataConfig
 from engine.errors import UserError
 
 
+# BraTS-<cohort, possibly several words>-<patient number>-<time point>
+_TIMEPOINT_ID = re.compile(r"^(BraTS-(?:[A-Za-z]+-)+\d+)-\d+$", re.IGNORECASE)
+
+
+def patient_id(case_id: str) -> str:
+    """``"BraTS-GLI-00007-101"`` -> ``"BraTS-GLI-00007"``, ``"BraTS-MEN-RT-0007-1"`` ->
+    ``"BraTS-MEN-RT-0007"``; any other id is its own patient (``"BraTS2021_00007"``)."""
+    match = _TIMEPOINT_ID.match(case_id)
+    return match.group(1) if match else case_id
+
+
 def make_split(case_ids: list[str], data_cfg: DataConfig) -> dict[str, list[str]]:
     """``{"train": ids, "val": ids}`` from ``data_cfg.split_file`` if set, else fold
-    ``data_cfg.fold`` of a ``data_cfg.folds``-fold split of the cases shuffled with ``data_cfg.seed``.
-
-    The k-fold split depends only on the set of ids and the seed (ids are sorted first); the
-    validation folds partition the cases and differ in size by at most one.
-    """
+    ``data_cfg.fold`` of a ``data_cfg.folds``-fold split by patient (``kfold_split``) with
+    ``data_cfg.seed``."""
     if data_cfg.split_file:
         return load_split(data_cfg.split_file, case_ids)
     return kfold_split(case_ids, data_cfg.folds, data_cfg.fold, data_cfg.seed)
 
 
 def kfold_split(case_ids: list[str], folds: int, fold: int, seed: int) -> dict[str, list[str]]:
-    """Fold ``fold`` of a ``folds``-fold split; ``UserError`` for bad settings (names the key)."""
+    """Fold ``fold`` of a ``folds``-fold split by patient (``patient_id``); ``UserError`` for bad
+    settings (names the key). Both lists are sorted.
+
+    The split depends only on the set of ids and the seed. The patients (ordered by their first
+    case id) are shuffled with ``seed``. Patients with several cases go first, largest first (ties
+    in shuffled order), each to the fold with the fewest cases so far (ties: the lowest fold);
+    then the single-case patients fill the folds up as evenly as possible, lowest folds first,
+    each fold taking the next run of the shuffled order. With one case per patient this is the
+    split of ``numpy.array_split`` of the shuffled cases (the folds of earlier versions), and the
+    validation folds differ in size by at most one case; with several time points they differ by
+    as little as the patients' sizes allow.
+    """
     if folds < 2:
         raise UserError(f"data.folds must be >= 2 for a k-fold split, got {folds} (or set data.split_file)")
     if not 0 <= fold < folds:
         raise UserError(f"data.fold must be in 0..{folds - 1}, got {fold}")
     ids = sorted(set(case_ids))
-    if len(ids) < folds:
-        raise UserError(f"data.folds = {folds} but only {len(ids)} labelled case(s); "
-                        "lower data.folds or add cases")
-    order = np.random.default_rng(seed).permutation(len(ids))
-    val_positions = set(np.array_split(order, folds)[fold].tolist())
-    return {"train": [ids[i] for i in range(len(ids)) if i not in val_positions],
-            "val": [ids[i] for i in range(len(ids)) if i in val_positions]}
+    groups: dict[str, list[str]] = {}
+    for case_id in ids:  # sorted ids: patients ordered by their first case id
+        groups.setdefault(patient_id(case_id), []).append(case_id)
+    patients = list(groups.values())
+    if len(patients) < folds:
+        what = (f"{len(ids)} labelled case(s)" if len(patients) == len(ids) else
+                f"{len(patients)} patient(s) in {len(ids)} labelled cases (all time points of a patient "
+                "stay in one fold)")
+        raise UserError(f"data.folds = {folds} but only {what}; lower data.folds or add cases")
+    order = np.random.default_rng(seed).permutation(len(patients)).tolist()
+    counts = [0] * folds
+    assignment: dict[int, int] = {}
+    multi = sorted((p for p in order if len(patients[p]) > 1), key=lambda p: -len(patients[p]))  # stable
+    for p in multi:
+        target = counts.index(min(counts))
+        assignment[p] = target
+        counts[target] += len(patients[p])
+    singles = [p for p in order if len(patients[p]) == 1]
+    start = 0
+    for target, take in enumerate(_fill_evenly(counts, len(singles))):
+        for p in singles[start:start + take]:
+            assignment[p] = target
+        start += take
+    val = {case_id for p, target in assignment.items() if target == fold for case_id in patients[p]}
+    return {"train": [i for i in ids if i not in val], "val": [i for i in ids if i in val]}
+
+
+def _fill_evenly(counts: list[int], items: int) -> list[int]:
+    """How many of ``items`` each fold gets so the final counts are as even as possible (water
+    filling: one at a time to the fold with the fewest, ties to the lowest fold)."""
+    counts = list(counts)
+    take = [0] * len(counts)
+    for _ in range(items):
+        target = counts.index(min(counts))
+        counts[target] += 1
+        take[target] += 1
+    return take
 
 
 def load_split(path: str | Path, case_ids: list[str]) -> dict[str, list[str]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,9 +33,9 @@ class ConfigError(UserError):
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class DataConfig:
-    root: str = "data/brats"  # BraTS folder holding one sub-folder per case
-    modalities: list[str] = field(default_factory=lambda: ["t1", "t1ce", "t2", "flair"])  # input channel order; 2021 and 2023 names are aliases
-    label_convention: Literal["auto", "2021", "2023"] = "auto"  # auto = detect from label values (ET=4 -> 2021, ET=3 -> 2023)
+    root: str = "data/brats"  # BraTS folder: one sub-folder per case, or an MSD folder with imagesTr/
+    task: str = "auto"  # auto = detected from case names, layout and label values; or a built-in task name (configs/tasks/) or a task YAML path
+    modalities: list[str] = field(default_factory=list)  # input channel order (t1 = t1n, t1ce = t1c, t2 = t2w, flair = t2f); empty = all of the task's
     cache_dir: str = "cache"  # preprocessed .npy cache; a sub-folder per hash of the preprocessing settings
     cache_dtype: Literal["float16", "float32"] = "float32"  # dtype of cached images
     cache_workers: int = 2  # processes used to build the cache
@@ -48,7 +49,7 @@ class DataConfig:
     seed: int = 12345  # seed of the k-fold shuffle
     synthetic_cases: int = 0  # if > 0 and root is missing, generate this many synthetic cases there
     synthetic_shape: list[int] = field(default_factory=lambda: [240, 240, 155])  # shape of generated cases
-    synthetic_convention: Literal["2021", "2023"] = "2021"  # naming/label convention of generated cases
+    synthetic_task: str = "brats-gli-2021"  # task (naming, labels) of generated cases
 
 
 @dataclass
@@ -148,16 +149,14 @@ class InferConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     gaussian_sigma: float = 0.125  # Gaussian importance sigma as a fraction of the window
     region_threshold: float = 0.5  # sigmoid threshold for region outputs
-    min_component_size: list[int] = field(default_factory=lambda: [0, 0, 0])  # drop components smaller than this per region (WT, TC, ET); 0 = off
-    et_min_volume: int = 0  # relabel all ET as NCR when the ET volume is below this (voxels); 0 = off
-    output_convention: Literal["auto", "2021", "2023"] = "auto"  # labels written (ET=4 / ET=3); auto = the input's (its seg values, else its file names), else the checkpoint's
+    min_component_size: list[int] = field(default_factory=list)  # drop components smaller than this (voxels), one size per training region of the task (e.g. WT, TC, ET); empty or 0 = off
+    et_min_volume: int = 0  # relabel all of the task's enhancing label (ET) as its core label when its volume is below this (voxels); 0 = off
+    output_task: str = "auto"  # task whose label values are written; auto = each input case's (from its names and labels), else the checkpoint's
 
 
 @dataclass
 class MetricsConfig:
-    convention: Literal["legacy", "lesionwise"] = "legacy"  # empty-mask and lesion rules (metrics/)
-    lesion_dilation: int = 3  # lesionwise: reference dilation iterations merging nearby pieces (gliomas 3; MEN, MET 1)
-    lesion_min_volume: float = 50.0  # lesionwise: reference lesions <= this volume (mm^3) are not scored (MET: 2)
+    convention: Literal["legacy", "lesionwise"] = "legacy"  # empty-mask and lesion rules (metrics/); the lesion parameters are the task's
 
 
 @dataclass
@@ -175,8 +174,40 @@ class Config:
 # ----------------------------------------------------------------------------------------------
 # Loading, overrides, validation.
 # ----------------------------------------------------------------------------------------------
+# keys renamed or removed since configs and checkpoints were first written: old -> new (None = removed)
+RENAMED_KEYS = {
+    "data.label_convention": "data.task",  # "2021" -> brats-gli-2021, "2023" -> brats-gli-2023
+    "data.synthetic_convention": "data.synthetic_task",
+    "infer.output_convention": "infer.output_task",
+    "metrics.lesion_dilation": None,  # lesion-wise parameters are the task's (configs/tasks/)
+    "metrics.lesion_min_volume": None,
+}
+_CONVENTION_TASKS = {"2021": "brats-gli-2021", "2023": "brats-gli-2023", "auto": "auto"}
+
+
+def migrate_keys(raw: dict[str, Any]) -> list[str]:
+    """Rewrite the old keys of ``RENAMED_KEYS`` in a nested config dict (in place); returns one
+    note per key changed. Old label conventions become the glioma tasks of that convention."""
+    notes = []
+    for old, new in RENAMED_KEYS.items():
+        section, key = old.split(".")
+        node = raw.get(section)
+        if not isinstance(node, dict) or key not in node:
+            continue
+        value = node.pop(key)
+        if new is None:
+            notes.append(f"{old} is no longer a config key (the task defines it); ignored")
+            continue
+        if key.endswith("convention"):
+            value = _CONVENTION_TASKS.get(str(value), value)
+        node.setdefault(new.split(".")[1], value)
+        notes.append(f"{old} is now {new} ({value})")
+    return notes
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Defaults <- YAML file (if given) <- dotted ``key=value`` overrides, validated."""
+    """Defaults <- YAML file (if given) <- dotted ``key=value`` overrides, validated. Old keys
+    (``RENAMED_KEYS``) in the file are migrated with a warning."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -188,6 +219,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
+        for note in migrate_keys(raw):
+            logging.getLogger(__name__).warning("%s: %s", path, note)
     cfg = from_dict(apply_overrides(raw, overrides))
     if not cfg.out_dir and path is not None:
         cfg.out_dir = str(Path("runs") / path.stem)

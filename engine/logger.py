@@ -14,14 +14,10 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Sequence, TextIO
 
 import numpy as np
 import torch
-
-# RGB of the training classes 1 NCR, 2 ED, 3 ET in the overlays (red, green, yellow)
-CLASS_COLORS = np.array([[0, 0, 0], [1.0, 0.15, 0.1], [0.1, 0.85, 0.2], [1.0, 0.9, 0.1]], dtype=np.float32)
-
 
 class RunLogger:
     """TensorBoard event files and ``metrics.jsonl`` (one JSON object per validation) in ``out_dir``."""
@@ -48,6 +44,10 @@ class RunLogger:
             f.write(json.dumps(record, default=_json_default) + "\n")
         self.scalars(scalars, step)
         self.writer.flush()
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        """A Markdown text (e.g. the colour legend of the image panels)."""
+        self.writer.add_text(tag, text, step)
 
     def image(self, tag: str, image: np.ndarray, step: int) -> None:
         """``image (3, H, W)`` float in ``[0, 1]``."""
@@ -139,13 +139,13 @@ class Stopwatch:
 # Validation image panel
 # ----------------------------------------------------------------------------------------------
 def validation_panel(images: np.ndarray, reference: np.ndarray, prediction: np.ndarray,
-                     channels: tuple[int, int], alpha: float = 0.5) -> np.ndarray:
-    """Axial slice with the most reference tumour: a 2x2 grid, RGB ``(3, 2*Y, 2*X)`` in ``[0, 1]``.
+                     channels: Sequence[int], colours: Sequence[Sequence[int]], alpha: float = 0.5) -> np.ndarray:
+    """Axial slice with the most reference tumour: a grid, RGB ``(3, rows*Y, 2*X)`` in ``[0, 1]``.
 
-    Rows: ``images[channels[0]]`` (FLAIR) then ``images[channels[1]]`` (T1ce); columns: ground
-    truth overlay, prediction overlay. ``images (C, X, Y, Z)``, ``reference``/``prediction``
-    classes ``(X, Y, Z)`` (0 bg, 1 NCR red, 2 ED green, 3 ET yellow). Slices are shown with the
-    first array axis horizontal.
+    Rows: ``images[c]`` for each of ``channels`` (e.g. FLAIR, T1ce; one row for a one-channel
+    task); columns: ground truth overlay, prediction overlay. ``images (C, X, Y, Z)``,
+    ``reference``/``prediction`` classes ``(X, Y, Z)``, drawn in ``colours[class]`` (RGB 0..255,
+    the task's). Slices are shown with the first array axis horizontal.
     """
     images, reference, prediction = (np.asarray(a) for a in (images, reference, prediction))
     if images.ndim != 4 or reference.shape != images.shape[1:] or prediction.shape != reference.shape:
@@ -153,11 +153,12 @@ def validation_panel(images: np.ndarray, reference: np.ndarray, prediction: np.n
                          f"{reference.shape}, {prediction.shape}")
     tumour_per_slice = (reference > 0).sum(axis=(0, 1))
     z = int(tumour_per_slice.argmax()) if tumour_per_slice.any() else reference.shape[2] // 2
+    palette = np.asarray(colours, dtype=np.float32) / 255.0
     rows = []
-    for channel in channels:
+    for channel in dict.fromkeys(channels):
         gray = _normalize(images[channel, :, :, z])
-        rows.append(np.concatenate([_overlay(gray, reference[:, :, z], alpha),
-                                    _overlay(gray, prediction[:, :, z], alpha)], axis=2))
+        rows.append(np.concatenate([_overlay(gray, reference[:, :, z], palette, alpha),
+                                    _overlay(gray, prediction[:, :, z], palette, alpha)], axis=2))
     return np.concatenate(rows, axis=1)
 
 
@@ -170,10 +171,10 @@ def _normalize(slice_2d: np.ndarray) -> np.ndarray:
     return np.clip((slice_2d - lo) / max(hi - lo, 1e-6), 0, 1).astype(np.float32)
 
 
-def _overlay(gray: np.ndarray, classes: np.ndarray, alpha: float) -> np.ndarray:
+def _overlay(gray: np.ndarray, classes: np.ndarray, palette: np.ndarray, alpha: float) -> np.ndarray:
     """Gray ``(X, Y)`` + classes ``(X, Y)`` -> RGB ``(3, Y, X)`` (image rows = second axis)."""
     rgb = np.repeat(gray[None], 3, axis=0)
-    color = CLASS_COLORS[np.clip(classes.astype(np.intp), 0, 3)].transpose(2, 0, 1)
+    color = palette[np.clip(classes.astype(np.intp), 0, len(palette) - 1)].transpose(2, 0, 1)
     mask = classes > 0
     rgb[:, mask] = (1 - alpha) * rgb[:, mask] + alpha * color[:, mask]
     return rgb.transpose(0, 2, 1)

@@ -1,15 +1,17 @@
 """Checkpoints -> models -> probabilities of one case. Shared by ``infer.py`` and training validation.
 
-    models, cfg, convention, mode = load_models(["runs/a/best.pt", "runs/b/best.pt"], "cpu")
-    cfg = override_infer_config(cfg, ["infer.tta=true", "infer.overlap=0.5"])
-    probs = predict_case(models, images, cfg.infer, cfg.data.patch_size, mode, device)
+    models, spec = load_models(["runs/a/best.pt", "runs/b/best.pt"], "cpu")
+    cfg = override_infer_config(spec.cfg, ["infer.tta=true", "infer.overlap=0.5"], spec.task)
+    probs = predict_case(models, images, cfg.infer, cfg.data.patch_size, spec.mode, device)
     # images (C, x, y, z) preprocessed (cropped, z-scored) -> probs (K, x, y, z) float32
 
-``convention`` is the label convention of the training data ("2021": ET=4, "2023": ET=3);
-``mode`` is "labels" (softmax over 4 classes) or "regions" (sigmoid over WT, TC, ET).
+``spec.task`` is the task the models were trained on (labels, regions, how outputs decode);
+``spec.mode`` is "labels" (softmax over the task's classes) or "regions" (sigmoid over its
+training regions); ``spec.modalities`` the input channels.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -17,13 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from datasets.io import canonical_modality
-from datasets.labels import REGIONS, output_channels
-from engine.checkpoint import load_checkpoint
+from engine.checkpoint import load_checkpoint, stored_task
 from engine.config import Config, ConfigError, InferConfig, from_dict, parse_override, to_dict
 from engine.errors import UserError
 from engine import distributed
+from engine.postprocess import check_postprocess
 from engine.sliding_window import sliding_window_predict
+from engine.task import Task, TaskError
 from losses import output_mode
 from models import build_model
 
@@ -36,62 +38,74 @@ def resolve_device(name: str) -> torch.device:
     return distributed.resolve_device(name, key="infer.device")
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, Config, str, str]:
-    """Rebuild one checkpoint's model from its stored config: ``(model in eval mode, cfg,
-    convention, mode)``. ``UserError`` naming ``path`` for anything wrong with the checkpoint."""
+@dataclass
+class ModelSpec:
+    """What a checkpoint says about its model: the resolved config, the task it was trained on,
+    the output mode and the input channels (canonical modality names, in order)."""
+
+    cfg: Config
+    task: Task
+    mode: str
+    modalities: tuple[str, ...]
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelSpec]:
+    """Rebuild one checkpoint's model from its stored config: ``(model in eval mode, spec)``.
+    ``UserError`` naming ``path`` for anything wrong with the checkpoint."""
     state = load_checkpoint(path, map_location="cpu")
     try:
         cfg = from_dict(state["config"])
     except ConfigError as err:
         raise UserError(f"{path}: stored config is invalid ({err})") from None
-    convention = str(state["convention"])
-    if convention not in ("2021", "2023"):
-        raise UserError(f"{path}: unknown label convention {convention!r} (expected 2021 or 2023)")
+    task = stored_task(state, path)
     try:
-        mode = output_mode(cfg.loss)
-        model = build_model(cfg.model, len(cfg.data.modalities), output_channels(mode),
-                            patch_size=cfg.data.patch_size)
-    except ValueError as err:
+        mode = state.get("output_mode") or output_mode(cfg.loss)
+        modalities = tuple(state.get("modalities") or task.select_modalities(cfg.data.modalities))
+        model = build_model(cfg.model, len(modalities), task.output_channels(mode), patch_size=cfg.data.patch_size)
+    except (ValueError, TaskError) as err:
         raise UserError(f"{path}: cannot build the model from its stored config ({err})") from None
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError, TypeError) as err:
         first = " ".join(str(err).split())[:200]
         raise UserError(f"{path}: weights do not fit the model built from its config ({first})") from None
-    return model.to(device).eval(), cfg, convention, mode
+    return model.to(device).eval(), ModelSpec(cfg, task, mode, modalities)
 
 
 def load_models(checkpoint_paths: Sequence[str | Path], device: torch.device | str = "cpu"
-                ) -> tuple[list[nn.Module], Config, str, str]:
-    """Load an ensemble: ``(models, cfg of the first, convention, mode)``.
+                ) -> tuple[list[nn.Module], ModelSpec]:
+    """Load an ensemble: ``(models, spec of the first)``.
 
-    Every member must agree with the first on input modalities, output mode, label convention
-    and window (``data.patch_size``); otherwise a ``UserError`` names the checkpoint that differs.
+    Every member must agree with the first on input modalities, output mode, task (classes and
+    regions) and window (``data.patch_size``); otherwise a ``UserError`` names the checkpoint that
+    differs.
     """
     if not checkpoint_paths:
         raise UserError("no checkpoint given")
     models, keys = [], []
     for path in checkpoint_paths:
-        model, cfg, convention, mode = load_model(path, device)
+        model, spec = load_model(path, device)
         models.append(model)
-        keys.append((path, cfg, convention, mode, _ensemble_key(cfg, convention, mode)))
-    first_path, cfg, convention, mode, first_key = keys[0]
-    for path, *_, key in keys[1:]:
+        keys.append((path, spec, _ensemble_key(spec)))
+    first_path, spec, first_key = keys[0]
+    for path, _, key in keys[1:]:
         for what, value in key.items():
             if value != first_key[what]:
-                raise UserError(f"{path}: {what} {value} differs from {first_key[what]} of {first_path}; "
-                                "ensemble members must agree")
-    return models, cfg, convention, mode
+                shown = value if what != "task classes and regions" else f"{value[0]}"
+                raise UserError(f"{path}: {what} {shown} differs from {first_path}; ensemble members must agree")
+    return models, spec
 
 
-def _ensemble_key(cfg: Config, convention: str, mode: str) -> dict:
-    return {"modalities": [canonical_modality(m) for m in cfg.data.modalities], "output mode": mode,
-            "label convention": convention, "patch size (window)": list(cfg.data.patch_size)}
+def _ensemble_key(spec: ModelSpec) -> dict:
+    return {"modalities": list(spec.modalities), "output mode": spec.mode,
+            "task classes and regions": (spec.task.name, spec.task.signature()),
+            "patch size (window)": list(spec.cfg.data.patch_size)}
 
 
-def override_infer_config(cfg: Config, overrides: Sequence[str]) -> Config:
+def override_infer_config(cfg: Config, overrides: Sequence[str], task: Task) -> Config:
     """A copy of ``cfg`` with ``key=value`` overrides applied; only ``infer.*`` (and
-    ``metrics.*``) keys may change: the rest shaped the trained model. ``UserError`` otherwise."""
+    ``metrics.*``) keys may change: the rest shaped the trained model. ``UserError`` otherwise,
+    and for values out of range or not fitting ``task``."""
     raw = to_dict(cfg)
     for item in overrides:
         key, value = parse_override(item)
@@ -103,25 +117,25 @@ def override_infer_config(cfg: Config, overrides: Sequence[str]) -> Config:
             raise ConfigError(f"unknown config key '{key}'")
         raw[section][name] = value
     cfg = from_dict(raw)
-    check_infer_config(cfg.infer)
+    check_infer_config(cfg.infer, task)
     return cfg
 
 
-def check_infer_config(infer_cfg: InferConfig) -> None:
-    """``ConfigError`` naming the ``infer.*`` key whose value is out of range."""
+def check_infer_config(infer_cfg: InferConfig, task: Task) -> None:
+    """``ConfigError`` naming the ``infer.*`` key whose value is out of range or does not fit ``task``."""
     problems = {
         "overlap": (not 0.0 <= infer_cfg.overlap < 1.0, "must be in [0, 1)"),
         "sw_batch_size": (infer_cfg.sw_batch_size < 1, "must be >= 1"),
         "gaussian_sigma": (infer_cfg.gaussian_sigma <= 0, "must be > 0"),
         "region_threshold": (not 0.0 < infer_cfg.region_threshold < 1.0, "must be in (0, 1)"),
-        "min_component_size": (len(infer_cfg.min_component_size) != len(REGIONS)
-                               or min(infer_cfg.min_component_size, default=0) < 0,
-                               "must be 3 sizes >= 0 (WT, TC, ET)"),
-        "et_min_volume": (infer_cfg.et_min_volume < 0, "must be >= 0"),
     }
     for key, (bad, rule) in problems.items():
         if bad:
             raise ConfigError(f"infer.{key}: {getattr(infer_cfg, key)!r} {rule}")
+    try:
+        check_postprocess(task, infer_cfg.min_component_size, infer_cfg.et_min_volume)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def predict_case(models: Sequence[nn.Module], images: np.ndarray | torch.Tensor, infer_cfg: InferConfig,

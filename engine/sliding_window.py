@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datasets.labels import logits_to_probabilities
+from engine.task import logits_to_probabilities
 from engine.distributed import autocast_dtype
 
 log = logging.getLogger(__name__)

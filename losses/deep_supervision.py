@@ -6,9 +6,9 @@ The network returns ``[full, 1/2, 1/4, ...]`` (full resolution first) during tra
 - ``"labels"`` mode (softmax): nearest-neighbour sampling of the class map (``nearest-exact``),
   as nnU-Net does. Max-pooling one-hot maps is not used here because it would put one voxel in
   several classes, which a softmax cross-entropy target cannot express.
-- ``"regions"`` mode (sigmoid WT/TC/ET): max-pooling of the region maps, so a coarse voxel is in
-  a region when any fine voxel under it is. Max-pooling keeps the nesting WT >= TC >= ET and
-  does not drop small ET islands at coarse scales.
+- ``"regions"`` mode (sigmoid over the task's training regions): max-pooling of the region maps,
+  so a coarse voxel is in a region when any fine voxel under it is. Max-pooling keeps nesting
+  (WT >= TC >= ET) and does not drop small ET islands at coarse scales.
 
 A plain tensor prediction (no deep supervision) goes straight to the base loss.
 """
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datasets.labels import OUTPUT_MODES, classes_to_regions_batch
+from engine.task import OUTPUT_MODES, Task
 
 
 def deep_supervision_weights(n: int) -> list[float]:
@@ -41,7 +41,7 @@ def downsample_classes(target: torch.Tensor, shape: Sequence[int]) -> torch.Tens
 
 
 def downsample_regions(regions: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Region maps ``(B, 3, X, Y, Z)`` -> ``(B, 3, *shape)`` by (adaptive) max-pooling."""
+    """Region maps ``(B, R, X, Y, Z)`` -> ``(B, R, *shape)`` by (adaptive) max-pooling."""
     if tuple(regions.shape[2:]) == tuple(shape):
         return regions
     return F.adaptive_max_pool3d(regions, tuple(shape))
@@ -55,12 +55,13 @@ class DeepSupervisionLoss(nn.Module):
     resolution. Returns a float32 scalar.
     """
 
-    def __init__(self, base: nn.Module, mode: str):
+    def __init__(self, base: nn.Module, mode: str, task: Task):
         super().__init__()
         if mode not in OUTPUT_MODES:
             raise ValueError(f"mode must be one of {', '.join(OUTPUT_MODES)}, got {mode!r}")
         self.base = base
         self.mode = mode
+        self.task = task
 
     def forward(self, prediction: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
         if target.ndim == 5 and target.shape[1] == 1:
@@ -73,7 +74,7 @@ class DeepSupervisionLoss(nn.Module):
         if tuple(outputs[0].shape[2:]) != tuple(target.shape[1:]):
             raise ValueError(f"the first output {tuple(outputs[0].shape)} must have the target's "
                              f"spatial shape {tuple(target.shape[1:])} (full resolution first)")
-        full = classes_to_regions_batch(target) if self.mode == "regions" else target
+        full = self.task.training_targets(target) if self.mode == "regions" else target
         loss = outputs[0].new_zeros((), dtype=torch.float32)
         for weight, output in zip(deep_supervision_weights(len(outputs)), outputs):
             shape = output.shape[2:]

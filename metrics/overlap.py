@@ -1,9 +1,9 @@
 """Voxel-overlap metrics (Dice, sensitivity, specificity) with explicit empty-mask rules.
 
 Counts come from one joint histogram of the two class maps (one pass over the volume for all
-three regions), so a 240 x 240 x 155 case takes tens of milliseconds.
+of a task's regions), so a 240 x 240 x 155 case takes tens of milliseconds.
 
-Rules (legacy BraTS, as in the BraTS 2023 evaluation code):
+Rules (legacy BraTS, as in the BraTS 2023/2024 evaluation code):
 
 - Dice = 2 TP / (2 TP + FP + FN); **1 when reference and prediction are both empty**, 0 when
   exactly one of them is empty.
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from datasets.labels import NUM_CLASSES, REGION_CLASSES, REGIONS
+from engine.task import Task
 
 
 @dataclass(frozen=True)
@@ -49,35 +49,43 @@ def mask_counts(pred: np.ndarray, ref: np.ndarray) -> Counts:
     return Counts(tp=tp, fp=pred_n - tp, fn=ref_n - tp, tn=pred.size - pred_n - ref_n + tp)
 
 
-def confusion_matrix(pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """``(4, 4)`` int64 voxel counts ``[pred class, ref class]`` of two training-class maps.
+def confusion_matrix(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> np.ndarray:
+    """``(K+1, K+1)`` int64 voxel counts ``[pred class, ref class]`` of two training-class maps with
+    ``num_classes`` = K + 1 classes (``task.num_classes``), from one joint histogram.
 
-    Raises ``ValueError`` for different shapes or class values outside 0..3.
+    Raises ``ValueError`` for different shapes or class values outside ``0..num_classes - 1``.
     """
+    num_classes = int(num_classes)
+    if not 1 <= num_classes <= 255:
+        raise ValueError(f"num_classes must be 1..255, got {num_classes}")
     pred, ref = np.asarray(pred), np.asarray(ref)
     if pred.shape != ref.shape:
         raise ValueError(f"prediction shape {pred.shape} != reference shape {ref.shape}")
     for name, array in (("prediction", pred), ("reference", ref)):
-        if array.size and (array.min() < 0 or array.max() >= NUM_CLASSES):
-            raise ValueError(f"{name} has values outside the training classes 0..{NUM_CLASSES - 1} "
+        if array.size and (array.min() < 0 or array.max() >= num_classes):
+            raise ValueError(f"{name} has values outside the training classes 0..{num_classes - 1} "
                              f"(found {int(array.min())}..{int(array.max())}); convert file labels "
-                             "with datasets.labels.labels_to_classes")
-    joint = pred.astype(np.uint8) * np.uint8(NUM_CLASSES) + ref.astype(np.uint8)
-    counts = np.bincount(joint.ravel(), minlength=NUM_CLASSES * NUM_CLASSES)
-    return counts.reshape(NUM_CLASSES, NUM_CLASSES).astype(np.int64)
+                             "with task.labels_to_classes")
+    dtype = np.uint8 if num_classes <= 16 else np.uint16  # joint index < num_classes ** 2
+    joint = pred.astype(dtype) * dtype(num_classes) + ref.astype(dtype)
+    counts = np.bincount(joint.ravel(), minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes).astype(np.int64)
 
 
-def region_counts(confusion: np.ndarray) -> dict[str, Counts]:
-    """Per-region ``Counts`` (WT, TC, ET) from a ``confusion_matrix``."""
+def region_counts(confusion: np.ndarray, task: Task) -> dict[str, Counts]:
+    """Per-region ``Counts`` of ``task.regions`` (in order) from a ``confusion_matrix``."""
+    if confusion.shape != (task.num_classes, task.num_classes):
+        raise ValueError(f"confusion matrix {confusion.shape} does not fit task {task.name} "
+                         f"({task.num_classes} classes)")
     out = {}
     total = int(confusion.sum())
-    for name in REGIONS:
-        inside = np.zeros(NUM_CLASSES, dtype=bool)
-        inside[list(REGION_CLASSES[name])] = True
+    for region in task.regions:
+        inside = np.zeros(task.num_classes, dtype=bool)
+        inside[list(region.classes)] = True
         tp = int(confusion[np.ix_(inside, inside)].sum())
         pred_n = int(confusion[inside].sum())
         ref_n = int(confusion[:, inside].sum())
-        out[name] = Counts(tp=tp, fp=pred_n - tp, fn=ref_n - tp, tn=total - pred_n - ref_n + tp)
+        out[region.name] = Counts(tp=tp, fp=pred_n - tp, fn=ref_n - tp, tn=total - pred_n - ref_n + tp)
     return out
 
 

@@ -1,10 +1,11 @@
 """Summaries and reports of per-case metrics.
 
-    per_case = {"BraTS2021_00000": case_metrics(...), ...}
+    per_case = {"BraTS-GLI-00000-000": case_metrics(pred, ref, spacing, task), ...}
     summary = aggregate(per_case)
     print(format_table(summary))
-    write_report(per_case, summary, "out/metrics.json", "out/metrics.csv", "legacy")
+    write_report(per_case, summary, "out/metrics.json", "out/metrics.csv", "legacy", task)
 
+The regions are those of the per-case dicts (a task's ``regions``, in order).
 ``summary[region][metric] = {"mean", "median", "std", "n"}`` over cases (``std`` is the sample
 standard deviation, ddof=1; 0 for one case), and ``summary[region]["empty_reference"]`` counts
 the cases whose reference region is empty (``ref_voxels == 0``).
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.labels import REGIONS
+from engine.task import Task
 from metrics.case import rules_text
 
 TABLE_METRICS = (("dice", "Dice"), ("sensitivity", "Sensitivity"), ("specificity", "Specificity"),
@@ -30,8 +31,9 @@ def aggregate(per_case: dict[str, dict]) -> dict[str, dict]:
     """Mean, median, std and count of every numeric metric per region, plus ``empty_reference``."""
     if not per_case:
         raise ValueError("no cases to aggregate")
+    regions = _regions(per_case)
     summary = {}
-    for region in REGIONS:
+    for region in regions:
         rows = [scores[region] for scores in per_case.values()]
         entry: dict = {"empty_reference": sum(1 for row in rows if row.get("ref_voxels", 1) == 0)}
         for key in _metric_keys(rows):
@@ -71,21 +73,26 @@ def format_table(summary: dict[str, dict]) -> str:
 
 
 def write_report(per_case: dict[str, dict], summary: dict[str, dict], json_path: str | Path,
-                 csv_path: str | Path, convention: str, dilation: int = 3, min_volume: float = 50.0) -> None:
+                 csv_path: str | Path, convention: str, task: Task) -> None:
     """Write the JSON report and the per-case/per-region CSV, each atomically.
 
-    JSON: ``{"convention", "rules", "cases": {id: {region: {metric: value}}}, "mean":
-    {region: {metric: mean}}, "summary": aggregate(...)}``. CSV: one row per case and region.
+    JSON: ``{"convention", "task": name, "regions": {region: [label names]}, "rules" (the empty-mask,
+    NSD and per-region lesion rules in words), "cases": {id: {region: {metric: value}}}, "mean":
+    {region: {metric: mean}}, "summary": aggregate(...)}``. CSV: one row per case and region of
+    ``task`` (``case_id``, ``region`` and every metric; empty cells for missing values).
     """
+    names = task.class_names
     report = {
         "convention": convention,
-        "rules": rules_text(convention, dilation, min_volume),
+        "task": task.name,
+        "regions": {r.name: [names[c] for c in r.classes] for r in task.regions},
+        "rules": rules_text(convention, task),
         "cases": per_case,
         "mean": means(summary),
         "summary": summary,
     }
     _atomic_write(Path(json_path), json.dumps(report, indent=2, default=_json_default) + "\n")
-    _atomic_write(Path(csv_path), _csv_text(per_case))
+    _atomic_write(Path(csv_path), _csv_text(per_case, list(task.region_names)))
 
 
 def _metric_keys(rows: list[dict]) -> list[str]:
@@ -97,14 +104,26 @@ def _metric_keys(rows: list[dict]) -> list[str]:
     return keys
 
 
-def _csv_text(per_case: dict[str, dict]) -> str:
-    keys = _metric_keys([scores[r] for scores in per_case.values() for r in REGIONS])
+def _regions(per_case: dict[str, dict]) -> list[str]:
+    """The region names of the first case, in order; ``ValueError`` if another case has other regions."""
+    first_id, first = next(iter(per_case.items()))
+    regions = list(first)
+    for case_id, scores in per_case.items():
+        if set(scores) != set(regions):
+            raise ValueError(f"case {case_id} has regions {list(scores)}, case {first_id} has {regions} "
+                             "(aggregate the cases of one task)")
+    return regions
+
+
+def _csv_text(per_case: dict[str, dict], regions: list[str]) -> str:
+    keys = _metric_keys([scores.get(r, {}) for scores in per_case.values() for r in regions])
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["case_id", "region"] + keys)
     for case_id, scores in per_case.items():
-        for region in REGIONS:
-            writer.writerow([case_id, region] + [_csv_value(scores[region].get(k)) for k in keys])
+        for region in regions:
+            row = scores.get(region, {})
+            writer.writerow([case_id, region] + [_csv_value(row.get(k)) for k in keys])
     return buffer.getvalue()
 
 

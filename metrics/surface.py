@@ -1,4 +1,5 @@
-"""95th-percentile Hausdorff distance (HD95) in mm, as the official BraTS evaluation computes it.
+"""Surface metrics in mm: HD95 as the official BraTS evaluation computes it, and the normalized
+surface Dice (NSD) of the BraTS 2025 scripts.
 
 Definition (identical to medpy's ``hd95`` and the ``brats-evaluation``/panoptica package):
 
@@ -21,6 +22,27 @@ transforming. This is exact: every voxel outside that box is background in both 
 what the erosion assumes beyond the crop edge, and every border voxel lies inside the box.
 Empty masks have no surface: ``hd95`` raises ``ValueError`` and callers apply their convention
 (``LEGACY_EMPTY_HD95`` for the legacy rules).
+
+NSD (normalized surface Dice) at a tolerance ``tol`` (mm), as the official BraTS 2025 scripts
+compute it (``rachitsaluja/BraTS-2024-Metrics``, ``normalized_surface_dice`` in ``metrics_*.py``,
+adapted from nnU-Net v1 ``nnunet/evaluation/surface_dice.py``, with medpy's
+``__surface_distances``, connectivity 1):
+
+1. the same borders and directed distances as HD95 above (``a_to_b``: from each border voxel of
+   A to the nearest border voxel of B; ``b_to_a`` likewise);
+2. NSD = (fraction of ``a_to_b <= tol`` + fraction of ``b_to_a <= tol``) / 2. The script writes
+   ``(tp_a + tp_b) / (tp_a + tp_b + fp + fn + 1e-8)`` with each count already divided by its
+   direction's number of border voxels, which is this mean up to the ``1e-8`` (left out here, so
+   a perfect match scores exactly 1). nnU-Net v1's original pools the raw counts of both
+   directions instead (``(tp_a + tp_b) / (|border A| + |border B|)``), which differs when the two
+   borders have different sizes;
+3. both masks empty: 1; exactly one empty: 0 (the scripts' rules).
+
+This is not DeepMind's surface Dice (``surface_distance.compute_surface_dice_at_tolerance``,
+which weights each border point by its surface area from a marching-cubes lookup table) nor
+MONAI's ``compute_surface_dice`` (its own border extraction and empty rules); values differ.
+Tolerances used by BraTS 2025: 0.5 and 1.0 mm (``NSD_TOLERANCES``; result keys ``nsd_0.5``,
+``nsd_1.0``).
 """
 from __future__ import annotations
 
@@ -34,6 +56,15 @@ from datasets.preprocess import bounding_box, crop
 # legacy BraTS HD95 when exactly one mask is empty: the diagonal of the 240x240x155 1 mm volume
 LEGACY_EMPTY_HD95 = 373.13
 SIX_CONNECTED = ndimage.generate_binary_structure(3, 1)
+NSD_TOLERANCES = (0.5, 1.0)  # mm, BraTS 2025
+
+
+def nsd_key(tolerance: float) -> str:
+    """Result key of the NSD at ``tolerance`` mm: ``0.5 -> "nsd_0.5"``, ``1 -> "nsd_1.0"``."""
+    return f"nsd_{float(tolerance)}"
+
+
+SURFACE_KEYS = ("hd95",) + tuple(nsd_key(t) for t in NSD_TOLERANCES)
 
 
 def check_spacing(spacing: Sequence[float], ndim: int = 3) -> tuple[float, ...]:
@@ -79,6 +110,43 @@ def hd95(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> float:
     """Official (pooled) HD95 in mm of two non-empty binary masks ``(X, Y, Z)``."""
     to_ref, to_pred = surface_distances(pred, ref, spacing)
     return float(np.percentile(np.concatenate([to_ref, to_pred]), 95))
+
+
+def nsd_from_distances(to_ref: np.ndarray, to_pred: np.ndarray, tolerance: float) -> float:
+    """NSD from the two directed border distances of non-empty masks (module doc)."""
+    return float((np.mean(to_ref <= tolerance) + np.mean(to_pred <= tolerance)) / 2.0)
+
+
+def nsd(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], tolerance: float) -> float:
+    """Normalized surface Dice at ``tolerance`` mm of two binary masks ``(X, Y, Z)``, as the BraTS
+    2025 scripts compute it (module doc): both empty -> 1.0, exactly one empty -> 0.0."""
+    tolerance = float(tolerance)
+    if not np.isfinite(tolerance) or tolerance < 0:
+        raise ValueError(f"NSD tolerance must be a number >= 0 (mm), got {tolerance}")
+    pred_any, ref_any = bool(np.any(pred)), bool(np.any(ref))
+    if not pred_any or not ref_any:
+        if np.shape(pred) != np.shape(ref):
+            raise ValueError(f"prediction shape {np.shape(pred)} != reference shape {np.shape(ref)}")
+        check_spacing(spacing, np.ndim(pred))
+        return 1.0 if pred_any == ref_any else 0.0
+    return nsd_from_distances(*surface_distances(pred, ref, spacing), tolerance)
+
+
+def surface_scores(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
+                   tolerances: Sequence[float] = NSD_TOLERANCES) -> dict[str, float]:
+    """``{"hd95", "nsd_0.5", "nsd_1.0"}`` from one distance computation, with the legacy empty
+    rules: both empty -> HD95 0, NSD 1; exactly one empty -> HD95 ``LEGACY_EMPTY_HD95``, NSD 0."""
+    pred_any, ref_any = bool(np.any(pred)), bool(np.any(ref))
+    if not pred_any or not ref_any:
+        if np.shape(pred) != np.shape(ref):
+            raise ValueError(f"prediction shape {np.shape(pred)} != reference shape {np.shape(ref)}")
+        check_spacing(spacing, np.ndim(pred))
+        both = pred_any == ref_any
+        return {"hd95": 0.0 if both else LEGACY_EMPTY_HD95, **{nsd_key(t): float(both) for t in tolerances}}
+    to_ref, to_pred = surface_distances(pred, ref, spacing)
+    out = {"hd95": float(np.percentile(np.concatenate([to_ref, to_pred]), 95))}
+    out.update({nsd_key(t): nsd_from_distances(to_ref, to_pred, t) for t in tolerances})
+    return out
 
 
 def legacy_hd95(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> float:

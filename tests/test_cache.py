@@ -1,4 +1,4 @@
-"""datasets/cache.py: build, reuse, invalidation, label conventions, stored arrays."""
+"""datasets/cache.py: build, reuse, invalidation, the task of the data, stored arrays."""
 import logging
 import os
 import shutil
@@ -8,23 +8,26 @@ import numpy as np
 import pytest
 
 import datasets.cache as cache_module
+import datasets.detect as detect_module
 from engine.config import DataConfig
+from engine.task import builtin_tasks
 from engine.errors import UserError
 from datasets.cache import prepare_cache
-from datasets.io import CaseError, atomic_save, discover_cases, read_case
+from datasets.io import atomic_save, discover_cases, read_case
 from datasets.preprocess import preprocess_case
 from datasets.synthetic import generate_dataset
 
 SHAPE = (32, 32, 24)
 MODALITIES = ["t1", "t1ce", "t2", "flair"]
+TASKS = builtin_tasks()
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     """Three 2021 cases plus one without a seg file, generated once."""
     root = tmp_path_factory.mktemp("source")
-    folders = generate_dataset(root, 4, seed=5, convention="2021", shape=SHAPE)
-    for folder in folders[:3]:  # every labelled case has ET (the convention tests rely on it)
+    folders = generate_dataset(root, 4, seed=5, task="brats-gli-2021", shape=SHAPE)
+    for folder in folders[:3]:  # every labelled case has ET (the naming tests rely on it)
         assert (nib.load(str(folder / f"{folder.name}_seg.nii.gz")).get_fdata() == 4).any()
     (folders[3] / f"{folders[3].name}_seg.nii.gz").unlink()
     return root
@@ -55,11 +58,11 @@ def mtimes(folder):
 
 def test_build_and_load(root, tmp_path):
     index = prepare_cache(config(root, tmp_path), show_progress=False)
-    assert index.convention == "2021"
+    assert index.task.name == "brats-gli-2021" and index.modalities == ("t1", "t1ce", "t2", "flair")
     assert index.case_ids == ["BraTS2021_00000", "BraTS2021_00001", "BraTS2021_00002"]  # 00003 has no seg
     case_source = discover_cases(root)[1]
-    images, seg, geometry = read_case(case_source, MODALITIES)
-    expected, classes, geometry = preprocess_case(images, seg, geometry, "2021")
+    images, seg, geometry = read_case(case_source, index.task)
+    expected, classes, geometry = preprocess_case(images, seg, geometry, index.task)
 
     case = index.load("BraTS2021_00001")
     assert isinstance(case.images, np.memmap) and isinstance(case.classes, np.memmap)
@@ -67,7 +70,7 @@ def test_build_and_load(root, tmp_path):
     np.testing.assert_array_equal(case.images, expected)
     np.testing.assert_array_equal(case.classes, classes)
     assert case.geometry.crop_box == geometry.crop_box and case.geometry.shape == SHAPE
-    assert case.geometry.convention == "2021"
+    assert case.geometry.task == "brats-gli-2021"
     np.testing.assert_array_equal(case.geometry.affine, geometry.affine)
     assert case.class_counts == {c: int((classes == c).sum()) for c in range(4)}
     for cls, locs in case.class_locations.items():
@@ -131,7 +134,7 @@ def test_changed_settings_use_a_new_folder(root, tmp_path):
     half = prepare_cache(config(root, tmp_path, cache_dtype="float16"), show_progress=False)
     order = prepare_cache(config(root, tmp_path, modalities=["flair", "t1", "t1ce", "t2"]), show_progress=False)
     alias = prepare_cache(config(root, tmp_path, modalities=["t1n", "t1c", "t2w", "t2f"]), show_progress=False)
-    forced = prepare_cache(config(root, tmp_path, label_convention="2021"), show_progress=False)
+    forced = prepare_cache(config(root, tmp_path, task="brats-gli-2021"), show_progress=False)
     assert len({base.folder, half.folder, order.folder}) == 3
     assert alias.folder == base.folder and forced.folder == base.folder  # same arrays, same folder
     a, b = base.load("BraTS2021_00000"), half.load("BraTS2021_00000")
@@ -150,20 +153,57 @@ def test_parallel_build_matches_serial(root, tmp_path):
             np.testing.assert_array_equal(a.class_locations[cls], b.class_locations[cls])
 
 
-def test_2023_convention_detected(tmp_path):
-    generate_dataset(tmp_path / "data", 2, seed=5, convention="2023", shape=SHAPE)
+@pytest.mark.parametrize("name", ["brats-gli-2023", "brats-gli-2024", "brats-ped", "brats-men-rt", "msd-brain"])
+def test_task_detected_and_classes_stored(tmp_path, name):
+    task = TASKS[name]
+    generate_dataset(tmp_path / "data", 3, seed=5, task=name, shape=SHAPE)
     index = prepare_cache(config(tmp_path / "data", tmp_path), show_progress=False)
-    assert index.convention == "2023"
-    case = index.load(index.case_ids[0])
-    seg = nib.load(str(discover_cases(tmp_path / "data")[0].seg)).get_fdata().astype(np.uint8)
-    assert case.class_counts[3] == (seg == 3).sum() > 0
+    assert index.task == task and index.modalities == task.modalities
+    counts = {c: 0 for c in range(task.num_classes)}
+    for source in discover_cases(tmp_path / "data"):
+        case = index.load(source.case_id)
+        assert case.images.shape[0] == len(task.modalities)
+        seg = np.asanyarray(nib.load(str(source.seg)).dataobj)
+        for cls, value in enumerate(task.label_values[1:], start=1):
+            assert case.class_counts[cls] == (seg == value).sum()  # each label value is its own class
+            counts[cls] += case.class_counts[cls]
+        assert set(case.class_locations) == set(task.foreground_classes)  # every label is oversampled
+    assert all(counts[c] > 0 for c in task.foreground_classes), counts
 
 
-def test_mixed_conventions_raise_naming_the_case(root, tmp_path):
+def test_mixed_2021_and_2023_naming_is_one_task(root, tmp_path):
+    generate_dataset(tmp_path / "more", 2, seed=7, task="brats-gli-2023", shape=SHAPE)
+    for folder in (tmp_path / "more").iterdir():
+        shutil.copytree(folder, root / folder.name)
+    index = prepare_cache(config(root, tmp_path), show_progress=False)
+    assert index.task.name == "brats-gli-2021"  # 3 of the 5 labelled cases
+    for case_id in ("BraTS2021_00000", "BraTS-GLI-00000-000"):
+        case = index.load(case_id)
+        seg = np.asanyarray(nib.load(str(next(c.seg for c in discover_cases(root) if c.case_id == case_id))).dataobj)
+        et_value = 4 if case_id.startswith("BraTS2021") else 3
+        assert case.class_counts[3] == (seg == et_value).sum() > 0  # ET is class 3 in both namings
+
+
+def test_labels_of_another_convention_under_one_name(root, tmp_path):
+    """A 2021-named case relabelled to ET = 3: its name and labels disagree, so auto-detection asks
+    for data.task; with it the case is read with the 2023 labels."""
     rewrite_seg(root / "BraTS2021_00002", lambda seg: np.where(seg == 4, 3, seg))
-    with pytest.raises(UserError, match="BraTS2021_00002") as err:
+    with pytest.raises(UserError, match=r"case BraTS2021_00002 \(label values \[0, 1, 2, 3\]\) fits no task: its files "
+                                        r"and labels fit brats-gli-2023, .* \(not its name\); set data.task"):
         prepare_cache(config(root, tmp_path), show_progress=False)
-    assert "[0, 1, 2, 3]" in str(err.value) and "[0, 1, 2, 4]" in str(err.value)
+    for name in ("BraTS2021_00000", "BraTS2021_00001"):
+        rewrite_seg(root / name, lambda seg: np.where(seg == 4, 3, seg))
+    index = prepare_cache(config(root, tmp_path, task="brats-gli-2023"), show_progress=False)
+    assert all(index.load(c).class_counts[3] > 0 for c in index.case_ids)
+
+
+def test_a_folder_mixing_tasks_is_refused(root, tmp_path):
+    generate_dataset(tmp_path / "ped", 1, seed=5, task="brats-ped", shape=SHAPE)
+    for folder in (tmp_path / "ped").iterdir():
+        shutil.copytree(folder, root / folder.name)
+    with pytest.raises(UserError, match="the data mixes tasks: case BraTS-PED-00000-000 is brats-ped but case "
+                                        "BraTS2021_00000 is brats-gli-2021"):
+        prepare_cache(config(root, tmp_path), show_progress=False)
 
 
 def test_unexpected_label_values_raise_naming_the_case(root, tmp_path):
@@ -171,35 +211,48 @@ def test_unexpected_label_values_raise_naming_the_case(root, tmp_path):
         seg[0, 0, 0] = 5
         return seg
     path = rewrite_seg(root / "BraTS2021_00001", add_five)
-    with pytest.raises(UserError, match="unexpected label values") as err:
+    with pytest.raises(UserError, match=r"label values \[0, 1, 2, 4, 5\]\) fits no task") as err:
         prepare_cache(config(root, tmp_path), show_progress=False)
-    assert str(path) in str(err.value) and "5" in str(err.value)
+    assert str(path) in str(err.value)
 
 
-def test_forced_convention_that_does_not_fit_raises(root, tmp_path):
-    with pytest.raises(CaseError, match="do not fit the 2023 convention") as err:
-        prepare_cache(config(root, tmp_path, label_convention="2023"), show_progress=False)
+def test_forced_task_that_does_not_fit_raises(root, tmp_path):
+    with pytest.raises(UserError, match=r"case BraTS2021_00000 has label values \[0, 1, 2, 4\], task brats-men-rt has "
+                                        r"1 GTV; built-in tasks that fit: brats-gli-2021") as err:
+        prepare_cache(config(root, tmp_path, task="brats-men-rt"), show_progress=False)
     assert "BraTS2021_00000_seg.nii.gz" in str(err.value)
 
 
-def test_no_et_anywhere_falls_back_to_2021(root, tmp_path, caplog):
-    for name in ("BraTS2021_00000", "BraTS2021_00001", "BraTS2021_00002"):
-        rewrite_seg(root / name, lambda seg: np.where(seg == 4, 1, seg))
-    with caplog.at_level(logging.WARNING, logger="datasets.cache"):
-        index = prepare_cache(config(root, tmp_path), show_progress=False)
-    assert index.convention == "2021"
-    assert any("assuming the 2021 convention" in r.message for r in caplog.records)
+def test_forced_task_that_fits_the_values_but_not_the_names_warns(root, tmp_path, caplog):
+    """PED labels 1..4 include the 2021 values {1, 2, 4}: allowed, but the names say otherwise."""
+    with caplog.at_level(logging.WARNING, logger="datasets.detect"):
+        index = prepare_cache(config(root, tmp_path, task="brats-ped"), show_progress=False)
+    assert index.task.name == "brats-ped"
+    assert "data.task is brats-ped but 3 case(s) are named like another task (BraTS2021_00000: brats-gli-2021)" \
+        in caplog.text
+
+
+def test_forced_task_with_other_naming_is_accepted(root, tmp_path):
+    """data.task = brats-gli-2023 on 2021 data: the cases keep their 2021 labels (a naming variant)."""
+    index = prepare_cache(config(root, tmp_path, task="brats-gli-2023"), show_progress=False)
+    assert index.task.name == "brats-gli-2023"
+    assert index.load("BraTS2021_00000").class_counts[3] > 0
+
+
+def test_modalities_must_belong_to_the_task(root, tmp_path):
+    with pytest.raises(UserError, match="data.modalities: 'adc' is not a modality of task brats-gli-2021"):
+        prepare_cache(config(root, tmp_path, modalities=["t1", "adc"]), show_progress=False)
 
 
 def test_label_values_are_remembered(root, tmp_path, monkeypatch):
     cfg = config(root, tmp_path)
     prepare_cache(cfg, show_progress=False)
-    assert (tmp_path / "cache" / cache_module.LABEL_MEMO).is_file()
+    assert (tmp_path / "cache" / detect_module.LABEL_MEMO).is_file()
 
     def fail(path):
         raise AssertionError(f"{path} read again")
-    monkeypatch.setattr(cache_module, "read_label_values", fail)
-    assert prepare_cache(cfg, show_progress=False).convention == "2021"
+    monkeypatch.setattr(detect_module, "read_label_values", fail)
+    assert prepare_cache(cfg, show_progress=False).task.name == "brats-gli-2021"
 
 
 def test_no_labelled_case_raises(tmp_path):

@@ -7,13 +7,16 @@ import pytest
 
 from bench.check_run import check_predictions, check_run, main
 from engine.checkpoint import save_checkpoint
+from engine.task import builtin_tasks
+
+TASK = builtin_tasks()["brats-gli-2021"]
 
 
 def make_run(folder, losses, dice=0.5):
     folder.mkdir()
     (folder / "config.yaml").write_text("out_dir: x\n")
     (folder / "split.json").write_text("{}")
-    state = {"config": {}, "model": {}, "convention": "2021", "best": {"dice": dice, "epoch": 1},
+    state = {"config": {}, "model": {}, "task": TASK.to_dict(), "best": {"dice": dice, "epoch": 1},
              "iteration": 10, "world_size": 1}
     save_checkpoint(state, folder / "last.pt")
     save_checkpoint(state, folder / "best.pt")
@@ -53,7 +56,8 @@ def write_case(root, case_id, shape, affine):
     ((8, 8, 6), np.diag([-1.0, -1.0, 1.0, 1.0]), [0, 1, 2, 4], []),
     ((8, 8, 5), np.diag([-1.0, -1.0, 1.0, 1.0]), [0, 1], ["shape (8, 8, 5) != input (8, 8, 6)"]),
     ((8, 8, 6), np.eye(4), [0, 1], ["affine differs from the input's"]),
-    ((8, 8, 6), np.diag([-1.0, -1.0, 1.0, 1.0]), [0, 3], ["label values [0, 3] outside [0, 1, 2, 4]"]),
+    ((8, 8, 6), np.diag([-1.0, -1.0, 1.0, 1.0]), [0, 3],
+     ["label values [0, 3] are not labels of task brats-gli-2021 (1 NCR, 2 ED, 4 ET)"]),
 ])
 def test_check_predictions(tmp_path, pred_shape, pred_affine, values, expected):
     affine = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -62,7 +66,7 @@ def test_check_predictions(tmp_path, pred_shape, pred_affine, values, expected):
     labels = np.zeros(pred_shape, np.uint8)
     labels.flat[:len(values)] = values
     nib.save(nib.Nifti1Image(labels, pred_affine), tmp_path / "pred" / "BraTS2021_00000.nii.gz")
-    summary, failures = check_predictions(tmp_path / "pred", tmp_path / "data", "2021")
+    summary, failures = check_predictions(tmp_path / "pred", tmp_path / "data", TASK)
     assert summary["cases"] == 1
     assert [f.split(": ", 1)[1] for f in failures] == expected
 
@@ -70,5 +74,5 @@ def test_check_predictions(tmp_path, pred_shape, pred_affine, values, expected):
 def test_check_predictions_missing_file(tmp_path):
     write_case(tmp_path / "data", "BraTS2021_00000", (8, 8, 6), np.eye(4))
     (tmp_path / "pred").mkdir()
-    _, failures = check_predictions(tmp_path / "pred", tmp_path / "data", "2021")
+    _, failures = check_predictions(tmp_path / "pred", tmp_path / "data", TASK)
     assert failures == [f"{tmp_path / 'pred' / 'BraTS2021_00000.nii.gz'} is missing"]

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from engine.checkpoint import FORMAT, load_checkpoint, save_checkpoint, unwrap_model
+from engine.checkpoint import FORMAT, load_checkpoint, save_checkpoint, stored_task, unwrap_model
 from engine.errors import UserError, run_cli
+from engine.task import builtin_tasks
 
 
 def minimal_state():
@@ -39,6 +40,7 @@ def test_interrupted_save_keeps_old_file(tmp_path, monkeypatch):
     (b"not a zip file at all", "cannot read checkpoint"),
     ({"weights": torch.ones(1)}, "not a checkpoint of this repository"),
     ({"format": FORMAT, "model": {}, "convention": "2021"}, "missing 'config'"),
+    ({"format": FORMAT, "model": {}, "config": {}}, "missing 'task'"),
 ])
 def test_bad_checkpoints(tmp_path, content, message):
     path = tmp_path / "x.pt"
@@ -66,3 +68,22 @@ def test_run_cli_user_error_exits_2(capsys):
         run_cli(main, [])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == "error: data/x.nii.gz: file not found\n"
+
+
+def test_stored_task_new_and_legacy(tmp_path):
+    ped = builtin_tasks()["brats-ped"]
+    path = save_checkpoint({**minimal_state(), "task": ped.to_dict()}, tmp_path / "new.pt")
+    assert stored_task(load_checkpoint(path), path) == ped
+    # written before tasks existed: the glioma task of its convention, old config keys migrated
+    old = {**minimal_state(), "convention": "2023",
+           "config": {"data": {"label_convention": "auto", "synthetic_convention": "2021"},
+                      "metrics": {"convention": "legacy", "lesion_dilation": 3, "lesion_min_volume": 50.0},
+                      "infer": {"output_convention": "2021"}}}
+    path = save_checkpoint(old, tmp_path / "old.pt")
+    state = load_checkpoint(path)
+    assert stored_task(state, path).name == "brats-gli-2023"
+    assert state["config"] == {"data": {"task": "auto", "synthetic_task": "brats-gli-2021"},
+                               "metrics": {"convention": "legacy"}, "infer": {"output_task": "brats-gli-2021"}}
+    bad = save_checkpoint({**minimal_state(), "task": {"name": "x"}}, tmp_path / "bad.pt")
+    with pytest.raises(UserError, match="bad.pt: stored task: task key 'modalities' is missing"):
+        stored_task(load_checkpoint(bad), bad)

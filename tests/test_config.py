@@ -18,7 +18,7 @@ def write_yaml(tmp_path, data, name="exp.yaml"):
 def test_defaults_without_file():
     cfg = load_config(None)
     assert cfg == Config()
-    assert cfg.data.modalities == ["t1", "t1ce", "t2", "flair"]
+    assert cfg.data.modalities == [] and cfg.data.task == "auto"  # every modality of the detected task
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -60,11 +60,27 @@ def test_invalid_raises_naming_key(raw, message):
         from_dict(raw)
 
 
-def test_int_accepted_for_float_and_convention_as_int():
-    cfg = from_dict({"train": {"lr": 1}, "data": {"label_convention": 2023}})
+def test_int_accepted_for_float_and_literal_as_int():
+    cfg = from_dict({"train": {"lr": 1}})
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
     assert load_config(None, ["train.lr=1e-3"]).train.lr == 0.001  # YAML 1.1 reads 1e-3 as a string
-    assert cfg.data.label_convention == "2023"
+
+
+def test_old_keys_in_a_yaml_file_are_migrated_with_a_warning(tmp_path, caplog):
+    path = write_yaml(tmp_path, {"data": {"label_convention": 2023, "synthetic_convention": "2021"},
+                                 "infer": {"output_convention": "auto"},
+                                 "metrics": {"lesion_dilation": 1, "lesion_min_volume": 2.0}})
+    cfg = load_config(path)
+    assert cfg.data.task == "brats-gli-2023" and cfg.data.synthetic_task == "brats-gli-2021"
+    assert cfg.infer.output_task == "auto"
+    assert "data.label_convention is now data.task (brats-gli-2023)" in caplog.text
+    assert "metrics.lesion_dilation is no longer a config key" in caplog.text
+    # the new key wins when both are given
+    path = write_yaml(tmp_path, {"data": {"label_convention": "2021", "task": "brats-ped"}})
+    assert load_config(path).data.task == "brats-ped"
+    # overrides are not migrated: an old key there is an unknown key
+    with pytest.raises(ConfigError, match="unknown config key 'data.label_convention'"):
+        load_config(None, ["data.label_convention=2021"])
 
 
 @pytest.mark.parametrize("bad", ["train.epochs", "nosuch.key=1", "train.nosuch=1"])

@@ -1,5 +1,5 @@
-"""evaluate.py end to end on tiny NIfTI files: both reference layouts, both label conventions,
-both metric conventions, and every user error as one line with exit code 2."""
+"""evaluate.py end to end on tiny NIfTI files: both reference layouts, tasks (detected and given),
+both metric conventions, --subset, and every user error as one line with exit code 2."""
 import json
 import subprocess
 import sys
@@ -11,7 +11,12 @@ import pytest
 
 import evaluate
 from engine.errors import run_cli
+from engine.task import builtin_tasks
 from metrics import case_metrics, hd95
+
+TASKS = builtin_tasks()
+GLI23 = TASKS["brats-gli-2023"]
+A, B = "BraTS-GLI-00001-000", "BraTS-GLI-00002-000"  # reference case ids (2023 naming)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (16, 14, 10)
@@ -28,8 +33,8 @@ def classes_volume(shift: int = 0) -> np.ndarray:
 
 
 def to_labels(classes: np.ndarray, convention: str) -> np.ndarray:
-    values = {"2021": (0, 1, 2, 4), "2023": (0, 1, 2, 3)}[convention]
-    return np.asarray(values, dtype=np.uint8)[classes]
+    task = TASKS.get(convention) or TASKS[{"2021": "brats-gli-2021", "2023": "brats-gli-2023"}[convention]]
+    return task.classes_to_labels(classes)
 
 
 def save(data: np.ndarray, path: Path, affine: np.ndarray = AFFINE) -> Path:
@@ -42,10 +47,10 @@ def save(data: np.ndarray, path: Path, affine: np.ndarray = AFFINE) -> Path:
 def flat(tmp_path):
     """Flat reference folder (2023 labels) and predictions for two cases; returns (pred, ref)."""
     ref_dir, pred_dir = tmp_path / "ref", tmp_path / "pred"
-    save(to_labels(classes_volume(), "2023"), ref_dir / "case_a.nii.gz")
-    save(to_labels(classes_volume(), "2023"), ref_dir / "case_b.nii.gz")
-    save(to_labels(classes_volume(), "2023"), pred_dir / "case_a.nii.gz")
-    save(to_labels(classes_volume(shift=1), "2023"), pred_dir / "case_b.nii.gz")
+    save(to_labels(classes_volume(), "2023"), ref_dir / f"{A}-seg.nii.gz")
+    save(to_labels(classes_volume(), "2023"), ref_dir / f"{B}.nii.gz")
+    save(to_labels(classes_volume(), "2023"), pred_dir / f"{A}.nii.gz")
+    save(to_labels(classes_volume(shift=1), "2023"), pred_dir / f"{B}.nii.gz")
     return pred_dir, ref_dir
 
 
@@ -63,17 +68,17 @@ def test_flat_references(flat, capsys):
     pred_dir, ref_dir = flat
     assert evaluate.main(["--pred", str(pred_dir), "--ref", str(ref_dir)]) == 0
     out = capsys.readouterr().out
-    assert "WT" in out and "Dice" in out and "2 cases" in out
+    assert "WT" in out and "Dice" in out and "2 cases, task brats-gli-2023" in out
     report = json.loads((pred_dir / "metrics.json").read_text())
-    assert report["convention"] == "legacy" and "373.13" in report["rules"]
-    assert report["cases"]["case_a"]["ET"]["dice"] == 1.0 and report["cases"]["case_a"]["WT"]["hd95"] == 0.0
-    expected = case_metrics(classes_volume(shift=1), classes_volume(), (1.0, 1.0, 2.0))
+    assert report["convention"] == "legacy" and "373.13" in report["rules"] and report["task"] == "brats-gli-2023"
+    assert report["cases"][A]["ET"]["dice"] == 1.0 and report["cases"][A]["WT"]["hd95"] == 0.0
+    expected = case_metrics(classes_volume(shift=1), classes_volume(), (1.0, 1.0, 2.0), GLI23)
     for region in ("WT", "TC", "ET"):
-        for key in ("dice", "sensitivity", "specificity", "hd95"):
-            assert report["cases"]["case_b"][region][key] == pytest.approx(expected[region][key])
+        for key in ("dice", "sensitivity", "specificity", "hd95", "nsd_0.5", "nsd_1.0"):
+            assert report["cases"][B][region][key] == pytest.approx(expected[region][key])
     # HD95 used the header spacing (1, 1, 2): a one-voxel shift along x is 1 mm
     wt_shifted, wt = classes_volume(shift=1) > 0, classes_volume() > 0
-    assert report["cases"]["case_b"]["WT"]["hd95"] == pytest.approx(hd95(wt_shifted, wt, (1, 1, 2)))
+    assert report["cases"][B]["WT"]["hd95"] == pytest.approx(hd95(wt_shifted, wt, (1, 1, 2)))
     assert report["mean"]["WT"]["dice"] == pytest.approx((1.0 + expected["WT"]["dice"]) / 2)
     csv_lines = (pred_dir / "metrics.csv").read_text().splitlines()
     assert csv_lines[0].startswith("case_id,region,dice") and len(csv_lines) == 1 + 6
@@ -85,12 +90,15 @@ def test_dataset_folder_references(tmp_path, folder, sep, ref_convention, capsys
     ref_dir, pred_dir = tmp_path / "data", tmp_path / "pred"
     save(to_labels(classes_volume(), ref_convention), ref_dir / folder / f"{folder}{sep}seg.nii.gz")
     save(np.zeros(SHAPE), ref_dir / folder / f"{folder}{sep}{'t1' if sep == '_' else 't1n'}.nii.gz")
-    # predictions in the other convention: each file's convention is detected on its own
+    # predictions in the other convention: read with --pred-task (a naming variant of the references' task)
     other = "2023" if ref_convention == "2021" else "2021"
     save(to_labels(classes_volume(), other), pred_dir / f"{folder}.nii.gz")
     out_json = tmp_path / "reports" / "lesionwise.json"
     argv = ["--pred", str(pred_dir), "--ref", str(ref_dir), "--convention", "lesionwise", "-o", str(out_json)]
-    assert evaluate.main(argv) == 0
+    with pytest.raises(SystemExit):  # without it the other convention's values are refused
+        run_cli(evaluate.main, argv)
+    assert "label values" in capsys.readouterr().err
+    assert evaluate.main(argv + ["--pred-task", f"brats-gli-{other}"]) == 0
     report = json.loads(out_json.read_text())
     assert report["convention"] == "lesionwise"
     case = report["cases"][folder]
@@ -112,28 +120,28 @@ def test_no_hd95_flag(flat):
     pred_dir, ref_dir = flat
     assert evaluate.main(["--pred", str(pred_dir), "--ref", str(ref_dir), "--no-hd95"]) == 0
     report = json.loads((pred_dir / "metrics.json").read_text())
-    assert "hd95" not in report["cases"]["case_b"]["WT"]
+    assert "hd95" not in report["cases"][B]["WT"] and "nsd_1.0" not in report["cases"][B]["WT"]
 
 
 def test_shape_mismatch(flat, capsys):
     pred_dir, ref_dir = flat
-    save(np.zeros((16, 14, 11)), pred_dir / "case_b.nii.gz")
+    save(np.zeros((16, 14, 11)), pred_dir / f"{B}.nii.gz")
     line = run_error(["--pred", str(pred_dir), "--ref", str(ref_dir)], capsys)
-    assert "case_b.nii.gz" in line and "shape" in line
+    assert f"{B}.nii.gz" in line and "shape" in line
 
 
 def test_affine_mismatch(flat, capsys):
     pred_dir, ref_dir = flat
-    save(to_labels(classes_volume(), "2023"), pred_dir / "case_a.nii.gz", affine=np.eye(4))
+    save(to_labels(classes_volume(), "2023"), pred_dir / f"{A}.nii.gz", affine=np.eye(4))
     line = run_error(["--pred", str(pred_dir), "--ref", str(ref_dir)], capsys)
-    assert "case_a.nii.gz" in line and "affine" in line
+    assert f"{A}.nii.gz" in line and "affine" in line
 
 
 def test_missing_prediction(flat, capsys):
     pred_dir, ref_dir = flat
-    (pred_dir / "case_b.nii.gz").unlink()
+    (pred_dir / f"{B}.nii.gz").unlink()
     line = run_error(["--pred", str(pred_dir), "--ref", str(ref_dir)], capsys)
-    assert "case_b.nii.gz" in line and "1 of 2" in line
+    assert f"{B}.nii.gz" in line and "1 of 2" in line
 
 
 @pytest.mark.parametrize("bad_values", [(0, 5), (0, 3, 4)])
@@ -141,9 +149,9 @@ def test_unknown_label_values(flat, capsys, bad_values):
     pred_dir, ref_dir = flat
     labels = np.zeros(SHAPE, dtype=np.uint8)
     labels[1, 1, 1:1 + len(bad_values)] = bad_values
-    save(labels, pred_dir / "case_a.nii.gz")
+    save(labels, pred_dir / f"{A}.nii.gz")
     line = run_error(["--pred", str(pred_dir), "--ref", str(ref_dir)], capsys)
-    assert "case_a.nii.gz" in line and "label values" in line
+    assert f"{A}.nii.gz" in line and "label values" in line and "brats-gli-2023" in line
 
 
 def test_empty_folders(tmp_path, flat, capsys):
@@ -165,9 +173,48 @@ def test_refuses_to_write_inside_the_reference_folder(flat, capsys):
 def test_command_line_subprocess(flat):
     # one real process (importing torch is the slow part): the error path, exit code 2, one line
     pred_dir, ref_dir = flat
-    (pred_dir / "case_a.nii.gz").unlink()
+    (pred_dir / f"{A}.nii.gz").unlink()
     bad = subprocess.run([sys.executable, "evaluate.py", "--pred", str(pred_dir), "--ref", str(ref_dir)],
                          cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and bad.stderr.startswith("error: ")
-    assert "case_a.nii.gz" in bad.stderr and not (pred_dir / "metrics.json").exists()
+    assert f"{A}.nii.gz" in bad.stderr and not (pred_dir / "metrics.json").exists()
+
+
+def test_subset_scores_only_the_predicted_cases(flat, capsys):
+    pred_dir, ref_dir = flat
+    (pred_dir / f"{B}.nii.gz").unlink()
+    assert evaluate.main(["--pred", str(pred_dir), "--ref", str(ref_dir), "--subset"]) == 0
+    captured = capsys.readouterr()
+    assert f"1 reference case(s) without a prediction are not scored: {B}" in captured.err
+    assert list(json.loads((pred_dir / "metrics.json").read_text())["cases"]) == [A]
+
+
+def test_unnamed_references_need_the_task(tmp_path, capsys):
+    ref_dir, pred_dir = tmp_path / "ref", tmp_path / "pred"
+    save(to_labels(classes_volume(), "2023"), ref_dir / "patient1.nii.gz")
+    save(to_labels(classes_volume(), "2023"), pred_dir / "patient1.nii.gz")
+    line = run_error(["--pred", str(pred_dir), "--ref", str(ref_dir)], capsys)
+    assert "cannot tell the task" in line and "brats-gli-2023" in line and "data.task" in line
+    argv = ["--pred", str(pred_dir), "--ref", str(ref_dir), "--task", "brats-men", "--convention", "lesionwise"]
+    assert evaluate.main(argv) == 0
+    report = json.loads((pred_dir / "metrics.json").read_text())
+    assert report["task"] == "brats-men" and "WT: 1 dilation(s), lesions <= 50 mm^3 not scored" in report["rules"]
+
+
+@pytest.mark.parametrize("name, prefix", [("brats-ped", "BraTS-PED-00003-000"), ("brats-gli-2024", "BraTS-GLI-00003-100"),
+                                          ("brats-men-rt", "BraTS-MEN-RT-0003-1")])
+def test_every_region_of_the_task_is_reported(tmp_path, name, prefix):
+    task = TASKS[name]
+    classes = np.zeros(SHAPE, np.uint8)
+    for cls in task.foreground_classes:  # one box per class
+        classes[2 * cls:2 * cls + 2, 3:9, 2:6] = cls
+    ref_dir, pred_dir = tmp_path / "ref", tmp_path / "pred"
+    save(task.classes_to_labels(classes), ref_dir / f"{prefix}.nii.gz")
+    save(task.classes_to_labels(classes), pred_dir / f"{prefix}.nii.gz")
+    assert evaluate.main(["--pred", str(pred_dir), "--ref", str(ref_dir), "--convention", "lesionwise"]) == 0
+    report = json.loads((pred_dir / "metrics.json").read_text())
+    assert report["task"] == name and list(report["cases"][prefix]) == list(task.region_names)
+    assert all(report["cases"][prefix][r]["dice"] == 1.0 for r in task.region_names)
+    csv_regions = [line.split(",")[1] for line in (pred_dir / "metrics.csv").read_text().splitlines()[1:]]
+    assert csv_regions == list(task.region_names)

@@ -7,11 +7,9 @@ U-Net checks the checkpoint round trip, ensembling and the error exits.
 """
 import json
 import math
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -22,37 +20,42 @@ from torch import nn
 
 import infer
 from datasets.io import Case
-from datasets.labels import classes_to_labels
 from datasets.preprocess import brain_mask, zscore_in_mask
 from engine.checkpoint import save_checkpoint
 from engine.config import Config, InferConfig, to_dict
 from engine.errors import UserError, run_cli
 from engine.predict import load_models, override_infer_config, predict_case
+from engine.task import builtin_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (22, 19, 14)
 EDGES = (0.0, 0.6, 1.2)  # z-score thresholds of ThresholdNet
-# number of edges exceeded -> training class: 0 bg, 1 ED, 2 NCR, 3 ET
+# number of edges exceeded -> training class of the glioma tasks: 0 bg, 1 edema, 2 necrosis, 3 ET
 COUNT_TO_CLASS = np.array([0, 2, 1, 3], dtype=np.uint8)
 NAMES = {"2021": ("t1", "t1ce", "t2", "flair"), "2023": ("t1n", "t1c", "t2w", "t2f")}
+TASKS = builtin_tasks()
+TASK_OF = {"2021": TASKS["brats-gli-2021"], "2023": TASKS["brats-gli-2023"]}  # by naming
 
 
 class ThresholdNet(nn.Module):
-    """Pointwise: labels mode one-hot logits of ``COUNT_TO_CLASS[#edges below x0]``; regions mode
-    WT/TC/ET = x0 > edge 0/1/2. Both give the same classes."""
+    """Pointwise: labels mode one-hot logits of ``COUNT_TO_CLASS[#edges below x0]`` over
+    ``out_channels`` classes; regions mode WT/TC/ET = x0 > edge 0/1/2 (further region channels,
+    e.g. RC, off). Both give the same classes."""
 
-    def __init__(self, out_channels: int):
+    def __init__(self, out_channels: int, mode: str = "labels"):
         super().__init__()
         self.out_channels = out_channels
         self.edges = nn.Parameter(torch.tensor(EDGES))
+        self.register_buffer("regions", torch.tensor(mode == "regions"))  # saved with the weights
 
     def forward(self, x):
         v = x[:, :1]
         above = torch.cat([(v > e).float() for e in self.edges], dim=1)  # (B, 3, ...)
-        if self.out_channels == 3:
-            return 20.0 * (above - 0.5)
+        if bool(self.regions):
+            off = torch.zeros_like(v).expand(-1, self.out_channels - 3, -1, -1, -1)
+            return 20.0 * (torch.cat([above, off], dim=1) - 0.5)
         classes = torch.from_numpy(COUNT_TO_CLASS).to(x.device)[above.sum(1).long()]
-        return 20.0 * nn.functional.one_hot(classes.long(), 4).permute(0, 4, 1, 2, 3).float()
+        return 20.0 * nn.functional.one_hot(classes.long(), self.out_channels).permute(0, 4, 1, 2, 3).float()
 
 
 def expected_classes(images: np.ndarray) -> np.ndarray:
@@ -98,7 +101,7 @@ def write_case(root: Path, case_id: str, naming: str = "2021", affine_kind: str 
         img.header.set_qform(affine, 1)
         nib.save(img, str(folder / f"{case_id}{sep}{name}.nii.gz"))
     if seg_convention is not None:
-        labels = classes_to_labels(expected_classes(images), seg_convention)
+        labels = task_of(seg_convention).classes_to_labels(expected_classes(images))
         nib.save(nib.Nifti1Image(labels, affine), str(folder / f"{case_id}{sep}seg.nii.gz"))
     return folder, images
 
@@ -119,23 +122,33 @@ def tiny_config(mode: str = "labels") -> Config:
     return cfg
 
 
+def task_of(convention_or_task: str):
+    return TASK_OF.get(convention_or_task) or TASKS[convention_or_task]
+
+
+def checkpoint_state(convention_or_task: str, mode: str, model: nn.Module, cfg: Config) -> dict:
+    """A checkpoint of the current format; ``"2021"``/``"2023"`` mean the glioma tasks."""
+    return {"config": to_dict(cfg), "task": task_of(convention_or_task).to_dict(), "output_mode": mode,
+            "modalities": ["t1", "t1ce", "t2", "flair"], "model": model.state_dict()}
+
+
 def threshold_checkpoint(path: Path, convention: str = "2021", mode: str = "labels") -> Path:
-    model = ThresholdNet(4 if mode == "labels" else 3)
-    return save_checkpoint({"config": to_dict(tiny_config(mode)), "convention": convention,
-                            "model": model.state_dict()}, path)
+    model = ThresholdNet(task_of(convention).output_channels(mode), mode)
+    return save_checkpoint(checkpoint_state(convention, mode, model, tiny_config(mode)), path)
 
 
 def unet_checkpoint(path: Path, convention: str = "2021", seed: int = 0, mode: str = "labels") -> Path:
     from models import build_model
     cfg = tiny_config(mode)
     torch.manual_seed(seed)
-    model = build_model(cfg.model, 4, 4 if mode == "labels" else 3, cfg.data.patch_size)
-    return save_checkpoint({"config": to_dict(cfg), "convention": convention, "model": model.state_dict()}, path)
+    model = build_model(cfg.model, 4, task_of(convention).output_channels(mode), cfg.data.patch_size)
+    return save_checkpoint(checkpoint_state(convention, mode, model, cfg), path)
 
 
 @pytest.fixture
 def threshold_net(monkeypatch):
-    """Make checkpoints rebuild ``ThresholdNet`` instead of the configured network."""
+    """Make checkpoints rebuild ``ThresholdNet`` instead of the configured network (its mode comes
+    back with the checkpoint's weights)."""
     monkeypatch.setattr("engine.predict.build_model",
                         lambda model_cfg, in_ch, out_ch, patch_size=None: ThresholdNet(out_ch))
 
@@ -171,7 +184,7 @@ def test_output_geometry_labels_and_metrics(tmp_path, threshold_net, capsys, aff
     assert int(pred.header["sform_code"]) == int(src.header["sform_code"])
     assert pred.get_data_dtype() == np.uint8
     labels = np.asarray(pred.dataobj)
-    expected = classes_to_labels(expected_classes(images), convention)
+    expected = TASK_OF[convention].classes_to_labels(expected_classes(images))
     np.testing.assert_array_equal(labels, expected)
     assert (labels == (4 if convention == "2021" else 3)).any()
     assert not (labels == (3 if convention == "2021" else 4)).any()
@@ -189,7 +202,7 @@ def test_output_geometry_labels_and_metrics(tmp_path, threshold_net, capsys, aff
 @pytest.mark.parametrize("naming, checkpoint_convention, override, expected_et", [
     ("2023", "2021", None, 3),                       # auto: the input's naming wins
     ("2021", "2023", None, 4),
-    ("2023", "2021", "infer.output_convention=2021", 4),
+    ("2023", "2021", "infer.output_task=brats-gli-2021", 4),
 ])
 def test_output_convention_follows_the_input(tmp_path, threshold_net, naming, checkpoint_convention, override,
                                              expected_et):
@@ -228,40 +241,100 @@ def test_probabilities_and_png(tmp_path, threshold_net):
     np.testing.assert_array_equal(p.argmax(-1), expected_classes(images))
     assert (p[:3, ..., 0] > 0.99).all()  # outside the brain crop: certain background
 
-    width, height, pixels = read_png(out / f"{cid}.png")
+    from PIL import Image
+    with Image.open(out / f"{cid}.png") as png:
+        assert png.format == "PNG" and png.mode == "RGB"
+        pixels = np.asarray(png)
     zoom = infer.PNG_MIN_SIZE // max(SHAPE)
-    assert height == zoom * 2 * max(SHAPE[1], SHAPE[2])  # rows: prediction, reference
-    assert width == zoom * (SHAPE[0] + 2 + SHAPE[0] + 2 + SHAPE[1] + 2)  # axial (x, y), coronal (x, z), sagittal (y, z)
-    assert pixels.reshape(height, width, 3).max() > 0
+    slices_height = zoom * 2 * max(SHAPE[1], SHAPE[2])  # rows: prediction, reference
+    assert pixels.shape[0] == slices_height + infer.LEGEND_HEIGHT
+    assert pixels.shape[1] == zoom * (SHAPE[0] + 2 + SHAPE[0] + 2 + SHAPE[1] + 2)  # axial, coronal, sagittal
+    assert pixels[:slices_height].max() > 0
+    legend = pixels[slices_height:].reshape(-1, 3)
+    for rgb in TASK_OF["2021"].colours[1:]:  # a swatch of every label's colour (NCR, ED, ET)
+        assert (legend == rgb).all(axis=1).sum() >= 100, rgb
+    assert not list(out.glob(".*"))  # written atomically: no temporary file left
 
 
-def read_png(path: Path) -> tuple[int, int, np.ndarray]:
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, {}
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        tag, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
-        assert crc == zlib.crc32(tag + body) & 0xFFFFFFFF
-        chunks[tag] = chunks.get(tag, b"") + body
-        pos += 12 + length
-    width, height, depth, colour = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
-    assert (depth, colour) == (8, 2) and b"IEND" in chunks
-    raw = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(height, 1 + 3 * width)
-    assert (raw[:, 0] == 0).all()
-    return width, height, raw[:, 1:]
+def test_png_legend_names_the_labels_of_the_task():
+    task = TASKS["brats-ped"]
+    picture = np.zeros((40, 300, 3), np.uint8)
+    one = infer.render_png(picture, ["prediction"], task)
+    other = infer.render_png(picture, ["prediction"], TASKS["brats-gli-2024"])
+    assert one != other  # other names and colours in the legend
+    from PIL import Image
+    import io as io_module
+    pixels = np.asarray(Image.open(io_module.BytesIO(one)))
+    legend = pixels[40:].reshape(-1, 3)
+    for rgb in task.colours[1:]:  # ET, NETC, CC, ED swatches
+        assert (legend == rgb).all(axis=1).sum() >= 100, rgb
+    strip = pixels[40:].astype(int)
+    grey = (strip[..., 0] == strip[..., 1]) & (strip[..., 1] == strip[..., 2]) & (strip[..., 0] > 150)
+    assert grey.sum() > 50  # label names drawn in white (anti-aliased)
+    assert (pixels[:15, :60] > 150).any()  # the row title
 
 
-def test_encode_png_round_trip(tmp_path):
-    rgb = np.random.default_rng(0).integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
-    path = tmp_path / "x.png"
-    path.write_bytes(infer.encode_png(rgb))
-    width, height, pixels = read_png(path)
-    assert (width, height) == (7, 5)
-    np.testing.assert_array_equal(pixels.reshape(5, 7, 3), rgb)
-    with pytest.raises(ValueError):
-        infer.encode_png(rgb.astype(np.float32))
+# ----------------------------------------------------------------------------------------------
+# Tasks: each case's labels, checkpoints of other tasks, invalid references, old checkpoints
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("task_name, mode", [("brats-ped", "labels"), ("brats-gli-2024", "regions"),
+                                             ("brats-met", "labels")])
+def test_output_in_the_task_label_values(tmp_path, threshold_net, capsys, task_name, mode):
+    task = TASKS[task_name]
+    ckpt = threshold_checkpoint(tmp_path / "model.pt", task_name, mode)
+    prefix = {"brats-ped": "BraTS-PED", "brats-gli-2024": "BraTS-GLI", "brats-met": "BraTS-MET"}[task_name]
+    cid = f"{prefix}-00001-100"
+    _, images = write_case(tmp_path / "data", cid, "2023", seg_convention=task_name)
+    assert run_main(["--checkpoint", ckpt, "-i", tmp_path / "data", "-o", tmp_path / "out"]) == 0
+    labels = np.asarray(nib.load(str(tmp_path / "out" / f"{cid}.nii.gz")).dataobj)
+    np.testing.assert_array_equal(labels, task.classes_to_labels(expected_classes(images)))
+    assert set(np.unique(labels)) <= set(task.label_values)
+    report = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert report["task"] == task_name and list(report["cases"][cid]) == list(task.region_names)
+    assert all(report["cases"][cid][r]["dice"] == 1.0 for r in task.region_names)
+    assert f"task {task_name}" in capsys.readouterr().out
+
+
+def test_checkpoint_of_another_task_exits_2(tmp_path, threshold_net, capsys):
+    ckpt = threshold_checkpoint(tmp_path / "model.pt", "2023")
+    write_case(tmp_path / "data", "BraTS-PED-00001-000", "2023")
+    assert run_main(["--checkpoint", ckpt, "-i", tmp_path / "data", "-o", tmp_path / "out"]) == 2
+    line = one_error_line(capsys)
+    assert "case BraTS-PED-00001-000 is task brats-ped" in line and "trained on task brats-gli-2023" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_invalid_reference_fails_its_case(tmp_path, threshold_net, capsys):
+    """A label file with a value outside the task is a failed case (exit 1), not a silent gap in the metrics."""
+    ckpt = threshold_checkpoint(tmp_path / "model.pt")
+    good, bad = case_id("2021", 1), case_id("2021", 2)
+    write_case(tmp_path / "data", good, seg_convention="2021")
+    folder, _ = write_case(tmp_path / "data", bad, seed=1, seg_convention="2021")
+    seg_path = folder / f"{bad}_seg.nii.gz"
+    seg = nib.load(str(seg_path))
+    labels = np.asarray(seg.dataobj).copy()
+    labels[5, 5, 5] = 5
+    nib.save(nib.Nifti1Image(labels, seg.affine), str(seg_path))
+    assert run_main(["--checkpoint", ckpt, "-i", tmp_path / "data", "-o", tmp_path / "out"]) == 1
+    captured = capsys.readouterr()
+    assert "1 written, 0 skipped, 1 failed" in captured.out
+    assert f"{bad}: " in captured.err and "5" in captured.err and str(seg_path.name) in captured.err
+    assert list(json.loads((tmp_path / "out" / "metrics.json").read_text())["cases"]) == [good]
+
+
+def test_checkpoint_written_before_tasks_still_loads(tmp_path, threshold_net):
+    cfg = to_dict(tiny_config())
+    cfg["data"].pop("task"), cfg["data"].pop("synthetic_task"), cfg["infer"].pop("output_task")
+    cfg["data"].update(label_convention="auto", synthetic_convention="2021", modalities=["t1", "t1ce", "t2", "flair"])
+    cfg["metrics"].update(lesion_dilation=3, lesion_min_volume=50.0)
+    cfg["infer"].update(output_convention="auto", min_component_size=[0, 0, 0])
+    ckpt = save_checkpoint({"config": cfg, "convention": "2023", "model": ThresholdNet(4).state_dict()},
+                           tmp_path / "old.pt")
+    cid = case_id("2023", 1)
+    _, images = write_case(tmp_path / "data", cid, "2023", seg_convention="2023")
+    assert run_main(["--checkpoint", ckpt, "-i", tmp_path / "data", "-o", tmp_path / "out"]) == 0
+    labels = np.asarray(nib.load(str(tmp_path / "out" / f"{cid}.nii.gz")).dataobj)
+    np.testing.assert_array_equal(labels, TASK_OF["2023"].classes_to_labels(expected_classes(images)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -432,14 +505,15 @@ def test_cli_subprocess_real_unet_and_bad_override(tmp_path):
 # ----------------------------------------------------------------------------------------------
 def test_ensemble_of_two_copies_equals_one(tmp_path):
     ckpt = unet_checkpoint(tmp_path / "a.pt")
-    single, cfg, convention, mode = load_models([ckpt])
-    pair, *_ = load_models([ckpt, ckpt])
+    single, spec = load_models([ckpt])
+    cfg, mode = spec.cfg, spec.mode
+    pair, _ = load_models([ckpt, ckpt])
     images = np.random.default_rng(0).normal(size=(4, 18, 16, 17)).astype(np.float32)
     one = predict_case(single, images, cfg.infer, cfg.data.patch_size, mode, "cpu")
     two = predict_case(pair, images, cfg.infer, cfg.data.patch_size, mode, "cpu")
-    assert one.shape == (4, 18, 16, 17) and (convention, mode) == ("2021", "labels")
+    assert one.shape == (4, 18, 16, 17) and (spec.task.name, mode) == ("brats-gli-2021", "labels")
     torch.testing.assert_close(two, one)
-    other, *_ = load_models([unet_checkpoint(tmp_path / "b.pt", seed=1)])
+    other, _ = load_models([unet_checkpoint(tmp_path / "b.pt", seed=1)])
     three = predict_case(single + other, images, cfg.infer, cfg.data.patch_size, mode, "cpu")
     b = predict_case(other, images, cfg.infer, cfg.data.patch_size, mode, "cpu")
     torch.testing.assert_close(three, (one + b) / 2)
@@ -452,7 +526,7 @@ def test_predict_case_restores_training_mode():
 
 
 @pytest.mark.parametrize("second, message", [
-    (dict(convention="2023"), "label convention"),
+    (dict(convention="brats-gli-2024"), "task classes and regions"),
     (dict(mode="regions"), "output mode"),
 ])
 def test_ensemble_members_must_agree(tmp_path, second, message):
@@ -465,23 +539,30 @@ def test_ensemble_members_must_agree(tmp_path, second, message):
 
 def test_weights_that_do_not_fit_are_a_user_error(tmp_path):
     cfg = tiny_config()
-    path = save_checkpoint({"config": to_dict(cfg), "convention": "2021", "model": {"w": torch.zeros(1)}},
+    path = save_checkpoint({**checkpoint_state("2021", "labels", nn.Linear(1, 1), cfg), "model": {"w": torch.zeros(1)}},
                            tmp_path / "x.pt")
     with pytest.raises(UserError, match="weights do not fit"):
         load_models([path])
 
 
 def test_override_infer_config():
-    cfg = tiny_config()
+    cfg, task = tiny_config(), TASK_OF["2021"]
     new = override_infer_config(cfg, ["infer.tta=true", "infer.min_component_size=[5, 5, 5]",
-                                      "metrics.convention=lesionwise"])
+                                      "metrics.convention=lesionwise"], task)
     assert new.infer.tta and new.infer.min_component_size == [5, 5, 5] and new.metrics.convention == "lesionwise"
     assert not cfg.infer.tta  # a copy
     for bad, key in [("data.patch_size=[8,8,8]", "data.patch_size"), ("model.name=swin_unetr", "model.name"),
                      ("infer.overlapp=0.3", "infer.overlapp"), ("infer.overlap=1.0", "infer.overlap"),
-                     ("infer.sw_batch_size=0", "infer.sw_batch_size")]:
+                     ("infer.sw_batch_size=0", "infer.sw_batch_size"),
+                     ("infer.min_component_size=[5, 5]", "infer.min_component_size")]:
         with pytest.raises(UserError, match=key.replace(".", r"\.")):
-            override_infer_config(cfg, [bad])
+            override_infer_config(cfg, [bad], task)
+    # one size per training region of the task: GLI 2024 has four (WT, TC, ET, RC); MEN-RT has no ET
+    assert override_infer_config(cfg, ["infer.min_component_size=[5, 5, 5, 9]"], TASKS["brats-gli-2024"])
+    with pytest.raises(UserError, match="WT, TC, ET, RC"):
+        override_infer_config(cfg, ["infer.min_component_size=[5, 5, 5]"], TASKS["brats-gli-2024"])
+    with pytest.raises(UserError, match="no enhancing label"):
+        override_infer_config(cfg, ["infer.et_min_volume=10"], TASKS["brats-men-rt"])
 
 
 def test_resolve_device():

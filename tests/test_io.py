@@ -1,5 +1,5 @@
-"""datasets/io.py: discovery of both naming conventions, geometry-preserving round trips, and
-one documented error per kind of bad input (each naming the file)."""
+"""datasets/io.py: discovery of every naming and the MSD layout, geometry-preserving round trips,
+and one documented error per kind of bad input (each naming the file)."""
 import gzip
 import math
 
@@ -8,8 +8,12 @@ import numpy as np
 import pytest
 
 from engine.errors import UserError
+from engine.task import builtin_tasks
 from datasets.io import CaseError, Geometry, discover_cases, read_case, uncrop, write_probabilities, write_segmentation
 from datasets.preprocess import preprocess_case
+
+TASKS = builtin_tasks()
+GLI21, GLI23, MSD = TASKS["brats-gli-2021"], TASKS["brats-gli-2023"], TASKS["msd-brain"]
 
 SHAPE = (12, 10, 8)
 MODALITIES = ["t1", "t1ce", "t2", "flair"]
@@ -86,10 +90,10 @@ def test_discovers_both_conventions(tmp_path, suffix):
     cases = discover_cases(tmp_path)
     assert [c.case_id for c in cases] == ["BraTS-GLI-00002-000", "BraTS-MEN-00003-001", "BraTS2021_00001"]
     for case in cases:
-        assert sorted(case.images) == sorted(MODALITIES)
-        assert all(p.name.endswith(suffix) for p in case.images.values())
-    assert cases[0].images["flair"].name == f"BraTS-GLI-00002-000-t2f{suffix}"
-    assert cases[2].images["t1ce"].name == f"BraTS2021_00001_t1ce{suffix}"
+        assert case.modalities_present() == frozenset(MODALITIES) and case.layout == "brats"
+        assert all(p.name.endswith(suffix) for p in case.files.values())
+    assert cases[0].image_sources(["flair"], GLI23)[0] == (cases[0].folder / f"BraTS-GLI-00002-000-t2f{suffix}", None)
+    assert cases[2].files["t1ce"].name == f"BraTS2021_00001_t1ce{suffix}"
     assert cases[0].seg.name == f"BraTS-GLI-00002-000-seg{suffix}"
     assert cases[1].seg is None
 
@@ -120,11 +124,11 @@ def test_segmentation_round_trip_keeps_geometry(tmp_path, affine_name, codes):
     affine = AFFINES[affine_name]
     write_case(tmp_path, "BraTS2021_00001", affine=affine, codes=codes)
     case = discover_cases(tmp_path)[0]
-    images, seg, geometry = read_case(case, MODALITIES)
+    images, seg, geometry = read_case(case, GLI21)
     assert images.shape == (4,) + SHAPE and images.dtype == np.float32
     assert seg.dtype == np.uint8 and sorted(np.unique(seg)) == [0, 1, 2, 4]
     out = write_segmentation(seg, geometry, tmp_path / "pred" / "BraTS2021_00001.nii.gz")
-    ref, img = nib.load(str(case.images["t1"])), nib.load(str(out))
+    ref, img = nib.load(str(case.files["t1"])), nib.load(str(out))
     assert img.shape == SHAPE
     assert img.get_data_dtype() == np.uint8
     np.testing.assert_allclose(img.affine, ref.affine, atol=1e-5)
@@ -137,7 +141,7 @@ def test_segmentation_round_trip_keeps_geometry(tmp_path, affine_name, codes):
 @pytest.mark.parametrize("dtype,slope,inter", [(np.int16, 2.0, 10.0), (np.int16, 0.5, -3.0), (np.float32, None, None)])
 def test_read_applies_scaling(tmp_path, dtype, slope, inter):
     _, raw = write_case(tmp_path, "BraTS2021_00001", dtype=dtype, slope=slope, inter=inter)
-    images, _, _ = read_case(discover_cases(tmp_path)[0], ["flair", "t1"])
+    images, _, _ = read_case(discover_cases(tmp_path)[0], GLI21, ["flair", "t1"])
     expected = [raw["flair"].astype(np.float64), raw["t1"].astype(np.float64)]
     if slope is not None:
         expected = [e * slope + inter for e in expected]
@@ -147,7 +151,7 @@ def test_read_applies_scaling(tmp_path, dtype, slope, inter):
 def test_modality_order_and_aliases(tmp_path):
     _, raw = write_case(tmp_path, "BraTS-GLI-00001-000", "2023", dtype=np.float32)
     case = discover_cases(tmp_path)[0]
-    images, _, _ = read_case(case, ["t2f", "t1ce"])  # aliases of flair, t1c
+    images, _, _ = read_case(case, GLI23, ["t2f", "t1ce"])  # aliases of flair, t1c
     np.testing.assert_array_equal(images[0], raw["t2f"])
     np.testing.assert_array_equal(images[1], raw["t1c"])
 
@@ -155,8 +159,8 @@ def test_modality_order_and_aliases(tmp_path):
 def test_cropped_prediction_written_in_full_geometry(tmp_path):
     write_case(tmp_path, "BraTS2021_00001", affine=AFFINES["oblique"])
     case = discover_cases(tmp_path)[0]
-    images, seg, geometry = read_case(case, MODALITIES)
-    _, classes, geometry = preprocess_case(images, seg, geometry, "2021")
+    images, seg, geometry = read_case(case, GLI21)
+    _, classes, geometry = preprocess_case(images, seg, geometry, GLI21)
     assert geometry.crop_box == ((2, 12), (0, 10), (0, 8))
     out = write_segmentation(classes, geometry, tmp_path / "pred.nii.gz")  # class 3 written as-is
     data = np.asanyarray(nib.load(str(out)).dataobj)
@@ -167,7 +171,7 @@ def test_cropped_prediction_written_in_full_geometry(tmp_path):
 
 def test_probabilities_round_trip(tmp_path):
     write_case(tmp_path, "BraTS2021_00001", affine=AFFINES["anisotropic"])
-    _, _, geometry = read_case(discover_cases(tmp_path)[0], MODALITIES)
+    _, _, geometry = read_case(discover_cases(tmp_path)[0], GLI21)
     probs = np.random.default_rng(1).random((3,) + SHAPE).astype(np.float32)
     img = nib.load(str(write_probabilities(probs, geometry, tmp_path / "probs.nii.gz")))
     assert img.shape == SHAPE + (3,)
@@ -177,10 +181,11 @@ def test_probabilities_round_trip(tmp_path):
 
 def test_geometry_json_round_trip():
     geometry = Geometry(affine=AFFINES["oblique"], header=None, shape=SHAPE, label_dtype="int16",
-                        crop_box=((1, 11), (0, 10), (2, 8)), convention="2023", source="x.nii.gz")
+                        crop_box=((1, 11), (0, 10), (2, 8)), task="brats-gli-2023", source="x.nii.gz")
     back = Geometry.from_json(geometry.to_json())
     np.testing.assert_array_equal(back.affine, geometry.affine)
-    assert (back.shape, back.crop_box, back.convention, back.label_dtype) == (SHAPE, geometry.crop_box, "2023", "int16")
+    assert (back.shape, back.crop_box, back.task, back.label_dtype) == (SHAPE, geometry.crop_box, "brats-gli-2023",
+                                                                        "int16")
     assert back.cropped_shape == (10, 10, 6)
     np.testing.assert_allclose(back.spacing, (1.2, 1.2, 1.0))
 
@@ -198,7 +203,7 @@ def test_uncrop_rejects_wrong_shape():
 def test_missing_modality(tmp_path):
     folder, _ = write_case(tmp_path, "BraTS2021_00001", skip=("flair",))
     with pytest.raises(CaseError, match="has no 'flair' image") as err:
-        read_case(discover_cases(tmp_path)[0], MODALITIES)
+        read_case(discover_cases(tmp_path)[0], GLI21)
     assert str(folder) in str(err.value)
 
 
@@ -212,7 +217,7 @@ def test_file_off_the_case_grid(tmp_path, suffix, data, affine, match):
     bad = folder / f"BraTS2021_00001_{suffix}.nii.gz"
     write_nifti(bad, data, AFFINES[affine])
     with pytest.raises(CaseError, match=match) as err:
-        read_case(discover_cases(tmp_path)[0], MODALITIES)
+        read_case(discover_cases(tmp_path)[0], GLI21)
     assert str(bad) in str(err.value)
 
 
@@ -222,7 +227,7 @@ def test_truncated_gzip(tmp_path):
     content = bad.read_bytes()
     bad.write_bytes(content[: len(content) // 2])
     with pytest.raises(CaseError, match="cannot read") as err:
-        read_case(discover_cases(tmp_path)[0], MODALITIES)
+        read_case(discover_cases(tmp_path)[0], GLI21)
     assert str(bad) in str(err.value)
 
 
@@ -231,7 +236,7 @@ def test_corrupt_file(tmp_path):
     bad = folder / "BraTS2021_00001_t1.nii.gz"
     bad.write_bytes(gzip.compress(b"this is not a nifti file" * 20))
     with pytest.raises(CaseError, match="cannot read NIfTI") as err:
-        read_case(discover_cases(tmp_path)[0], MODALITIES)
+        read_case(discover_cases(tmp_path)[0], GLI21)
     assert str(bad) in str(err.value)
 
 
@@ -243,7 +248,7 @@ def test_nan_voxels(tmp_path):
     data[4, 4, 4] = np.inf
     write_nifti(bad, data, AFFINES["lps"])
     with pytest.raises(CaseError, match="2 voxels are NaN or infinite") as err:
-        read_case(discover_cases(tmp_path)[0], MODALITIES)
+        read_case(discover_cases(tmp_path)[0], GLI21)
     assert str(bad) in str(err.value)
 
 
@@ -252,14 +257,14 @@ def test_4d_file(tmp_path):
     bad = folder / "BraTS2021_00001_flair.nii.gz"
     write_nifti(bad, np.ones(SHAPE + (2,), np.int16), AFFINES["lps"])
     with pytest.raises(CaseError, match="expected a 3D volume") as err:
-        read_case(discover_cases(tmp_path)[0], MODALITIES)
+        read_case(discover_cases(tmp_path)[0], GLI21)
     assert str(bad) in str(err.value)
 
 
 def test_4d_file_with_one_volume_is_accepted(tmp_path):
     folder, raw = write_case(tmp_path, "BraTS2021_00001")
     write_nifti(folder / "BraTS2021_00001_flair.nii.gz", raw["flair"][..., None], AFFINES["lps"])
-    images, _, _ = read_case(discover_cases(tmp_path)[0], MODALITIES)
+    images, _, _ = read_case(discover_cases(tmp_path)[0], GLI21)
     np.testing.assert_array_equal(images[3], raw["flair"])
 
 
@@ -268,5 +273,59 @@ def test_non_integer_labels(tmp_path):
     bad = folder / "BraTS2021_00001_seg.nii.gz"
     write_nifti(bad, np.full(SHAPE, 1.5, np.float32), AFFINES["lps"])
     with pytest.raises(CaseError, match="non-integer") as err:
-        read_case(discover_cases(tmp_path)[0], MODALITIES)
+        read_case(discover_cases(tmp_path)[0], GLI21)
     assert str(bad) in str(err.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Other layouts: MEN-RT (one modality, gtv labels) and the MSD Task01 layout (4D images)
+# ----------------------------------------------------------------------------------------------
+def test_men_rt_case_with_gtv_label_file(tmp_path):
+    folder = tmp_path / "BraTS-MEN-RT-0001-1"
+    t1c = np.arange(np.prod(SHAPE), dtype=np.int16).reshape(SHAPE)
+    write_nifti(folder / "BraTS-MEN-RT-0001-1_t1c.nii.gz", t1c, AFFINES["anisotropic"])
+    write_nifti(folder / "BraTS-MEN-RT-0001-1_gtv.nii.gz", (t1c > 500).astype(np.uint8), AFFINES["anisotropic"])
+    (case,) = discover_cases(tmp_path)
+    assert case.seg.name == "BraTS-MEN-RT-0001-1_gtv.nii.gz" and case.modalities_present() == {"t1ce"}
+    images, seg, geometry = read_case(case, TASKS["brats-men-rt"])
+    assert images.shape == (1,) + SHAPE and set(np.unique(seg)) == {0, 1}
+    np.testing.assert_array_equal(images[0], t1c)
+    np.testing.assert_allclose(geometry.spacing, (0.9375, 0.9375, 3.0))
+
+
+def write_msd(root, ids=(1, 2), test_ids=(3,), channels=4):
+    """An MSD Task01 folder: 4D images (X, Y, Z, C) whose channel c holds the value 100 * (c + 1) + case."""
+    for folder, labels, case_ids in (("imagesTr", "labelsTr", ids), ("imagesTs", None, test_ids)):
+        for i in case_ids:
+            volume = np.stack([np.full(SHAPE, 100 * (c + 1) + i, np.int16) for c in range(channels)], axis=-1)
+            write_nifti(root / folder / f"BRATS_{i:03d}.nii.gz", volume, AFFINES["ras"])
+            if labels:
+                seg = np.zeros(SHAPE, np.uint8)
+                seg[4:6, 4:6, 2:4] = [[[1, 2], [3, 1]]] * 2
+                write_nifti(root / labels / f"BRATS_{i:03d}.nii.gz", seg, AFFINES["ras"])
+    (root / "imagesTr" / "._BRATS_001.nii.gz").write_bytes(b"macOS resource fork")  # ignored
+
+
+def test_msd_layout_discovery_and_4d_reading(tmp_path):
+    write_msd(tmp_path)
+    cases = discover_cases(tmp_path)
+    assert [c.case_id for c in cases] == ["BRATS_001", "BRATS_002", "BRATS_003"]
+    assert [c.layout for c in cases] == ["msd"] * 3 and cases[0].modalities_present() is None
+    assert cases[1].seg == tmp_path / "labelsTr" / "BRATS_002.nii.gz" and cases[2].seg is None
+    # channels in the task's order (FLAIR, T1w, T1gd, T2w), read in any order asked
+    images, seg, geometry = read_case(cases[1], MSD, ["t1", "t1ce", "t2", "flair"])
+    assert [float(images[c, 0, 0, 0]) for c in range(4)] == [202.0, 302.0, 402.0, 102.0]
+    assert geometry.shape == SHAPE and set(np.unique(seg)) == {0, 1, 2, 3}
+    out = write_segmentation(seg, geometry, tmp_path / "out" / "BRATS_002.nii.gz")
+    img = nib.load(str(out))
+    assert img.shape == SHAPE  # a 3D mask from the 4D image's header
+    np.testing.assert_allclose(img.affine, AFFINES["ras"], atol=1e-5)
+    # an imagesTs folder given directly
+    assert [c.case_id for c in discover_cases(tmp_path / "imagesTs")] == ["BRATS_003"]
+
+
+def test_msd_image_with_another_channel_count(tmp_path):
+    write_msd(tmp_path, ids=(1,), test_ids=(), channels=3)
+    with pytest.raises(CaseError, match="the 4D image has 3 channel.*task msd-brain expects 4") as err:
+        read_case(discover_cases(tmp_path)[0], MSD)
+    assert "BRATS_001.nii.gz" in str(err.value)

@@ -1,18 +1,24 @@
 """Losses: hand-computed soft Dice, Dice+CE and region Dice+BCE, deep supervision, dtypes, fitting."""
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datasets.labels import (classes_to_labels, classes_to_regions, classes_to_regions_batch,
-                             labels_to_classes, output_channels, regions_to_classes)
 from engine.config import LossConfig
+from engine.task import builtin_tasks
 from losses import (DeepSupervisionLoss, DiceCELoss, RegionDiceBCELoss, build_loss,
                     deep_supervision_weights, output_mode, soft_dice, soft_dice_loss)
 from losses.deep_supervision import downsample_classes, downsample_regions
+
+
+GLI = builtin_tasks()["brats-gli-2023"]  # classes 1 NETC, 2 SNFH, 3 ET; regions WT, TC, ET
+GLI_2024 = builtin_tasks()["brats-gli-2024"]  # + class 4 RC, its own region outside WT
+
+
+def regions_of(classes):
+    return GLI.training_targets(classes)
 
 
 def volume(values):
@@ -105,44 +111,45 @@ def test_bad_loss_arguments_raise(kwargs, name):
     with pytest.raises(ValueError, match=name):
         DiceCELoss(**kwargs)
     with pytest.raises(ValueError, match=name):
-        RegionDiceBCELoss(**kwargs)
+        RegionDiceBCELoss(GLI, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
-# region Dice + BCE (sigmoid over WT, TC, ET)
+# region Dice + BCE (sigmoid over the task's training regions)
 # ----------------------------------------------------------------------------------------------
 def test_region_loss_hand_values():
     target = torch.tensor([0, 2, 1, 3]).reshape(1, 1, 2, 2)  # WT {1,2,3}, TC {2,3}, ET {3}
     pred_regions = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.float32).reshape(1, 3, 1, 2, 2)
     logits = 50.0 * (2 * pred_regions - 1)  # sigmoid ~ 0/1
     # WT Dice 1; TC pred {2} ref {2,3} -> 2/3; ET {3} vs {3} -> 1
-    dice_only = RegionDiceBCELoss(dice_weight=1.0, ce_weight=0.0, smooth=0.0)(logits, target)
+    dice_only = RegionDiceBCELoss(GLI, dice_weight=1.0, ce_weight=0.0, smooth=0.0)(logits, target)
     assert dice_only.item() == pytest.approx(1 - (1 + 2 / 3 + 1) / 3, abs=1e-6)
-    bce = F.binary_cross_entropy_with_logits(logits, classes_to_regions_batch(target))
-    both = RegionDiceBCELoss(dice_weight=1.0, ce_weight=1.0, smooth=0.0)(logits, target)
+    bce = F.binary_cross_entropy_with_logits(logits, regions_of(target))
+    both = RegionDiceBCELoss(GLI, dice_weight=1.0, ce_weight=1.0, smooth=0.0)(logits, target)
     assert both.item() == pytest.approx(dice_only.item() + bce.item(), rel=1e-6)
     assert bce.item() == pytest.approx(50.0 / 12, rel=1e-4)  # one wrong voxel of 12, |logit| 50
 
 
 def test_region_loss_rejects_wrong_channels():
     with pytest.raises(ValueError, match="channels"):
-        RegionDiceBCELoss()(torch.zeros(1, 4, 2, 2, 2), torch.zeros(1, 2, 2, 2, dtype=torch.long))
+        RegionDiceBCELoss(GLI)(torch.zeros(1, 4, 2, 2, 2), torch.zeros(1, 2, 2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"3 channels, expected 4 \(WT, TC, ET, RC\)"):
+        RegionDiceBCELoss(GLI_2024)(torch.zeros(1, 3, 2, 2, 2), torch.zeros(1, 2, 2, 2, dtype=torch.long))
 
 
-@pytest.mark.parametrize("convention, labels", [("2021", [0, 1, 2, 4]), ("2023", [0, 1, 2, 3])])
-def test_region_round_trip(convention, labels):
-    rng = np.random.default_rng(0)
-    file_labels = rng.choice(np.asarray(labels, dtype=np.uint8), size=(5, 4, 3))
-    classes = labels_to_classes(file_labels, convention)
-    regions = classes_to_regions(classes)
-    assert regions.shape == (3, 5, 4, 3)
-    assert np.array_equal(regions[0], file_labels > 0)
-    assert np.array_equal(regions[2], file_labels == labels[3])
-    back = classes_to_labels(regions_to_classes(regions.astype(np.float32)), convention)
-    assert np.array_equal(back, file_labels)
-    # torch batch path gives the same regions
-    batch = classes_to_regions_batch(torch.from_numpy(classes.astype(np.int64))[None])
-    assert np.array_equal(batch[0].numpy().astype(bool), regions)
+def test_region_loss_with_a_region_outside_wt():
+    """GLI 2024: the RC channel is trained on its own; a perfect prediction of RC-only voxels
+    costs nothing in WT/TC/ET."""
+    target = torch.tensor([0, 4, 4, 1]).reshape(1, 1, 2, 2)  # two RC voxels and one NETC voxel
+    regions = GLI_2024.training_targets(target)
+    assert regions[0, :, 0].reshape(4, 4).tolist() == [[0, 0, 0, 1], [0, 0, 0, 1], [0, 0, 0, 0], [0, 1, 1, 0]]
+    perfect = 50.0 * (2 * regions - 1)
+    loss = RegionDiceBCELoss(GLI_2024, ce_weight=0.0, smooth=1e-5)(perfect, target)
+    # WT, TC, RC Dice ~1; ET is empty in target and prediction: smooth / (sum p + smooth) ~ 1
+    assert loss.item() == pytest.approx(0.0, abs=1e-4)
+    wrong = perfect.clone()
+    wrong[:, 3] = -wrong[:, 3]  # RC predicted where it is not, and not where it is
+    assert RegionDiceBCELoss(GLI_2024, ce_weight=0.0, smooth=1e-5)(wrong, target).item() > 0.2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,13 +174,13 @@ def test_downsampling_of_targets():
     small = downsample_classes(classes, (2, 2, 2))
     assert small.dtype == torch.int64 and small.shape == (1, 2, 2, 2)
     assert small[0, 0, 0, 0] == 3 and small.sum() == 3
-    regions = classes_to_regions_batch(classes)
+    regions = regions_of(classes)
     pooled = downsample_regions(regions, (2, 2, 2))
     assert pooled.shape == (1, 3, 2, 2, 2)
     assert pooled[0, :, 0, 0, 0].tolist() == [1.0, 1.0, 1.0] and pooled.sum() == 3
     # max-pooling keeps nesting and small islands; odd sizes work (adaptive pooling)
     classes[0, 2, 2, 2] = 3
-    odd = downsample_regions(classes_to_regions_batch(classes), (3, 3, 3))
+    odd = downsample_regions(regions_of(classes), (3, 3, 3))
     assert odd.shape == (1, 3, 3, 3, 3)
     assert bool((odd[:, 0] >= odd[:, 1]).all() and (odd[:, 1] >= odd[:, 2]).all())
 
@@ -182,15 +189,15 @@ def test_downsampling_of_targets():
 def test_deep_supervision_is_weighted_sum_over_scales(name):
     torch.manual_seed(0)
     cfg = LossConfig(name=name)
-    loss_fn = build_loss(cfg)
-    k = output_channels(output_mode(cfg))
-    target = torch.randint(0, 4, (2, 8, 8, 8))
+    loss_fn = build_loss(cfg, GLI_2024)
+    k = GLI_2024.output_channels(output_mode(cfg))
+    target = torch.randint(0, 5, (2, 8, 8, 8))
     outputs = [torch.randn(2, k, 8, 8, 8), torch.randn(2, k, 4, 4, 4), torch.randn(2, k, 2, 2, 2)]
     base = loss_fn.base
     if name == "dice_ce":
         parts = [base(o, downsample_classes(target, o.shape[2:])) for o in outputs]
     else:
-        regions = classes_to_regions_batch(target)
+        regions = GLI_2024.training_targets(target)
         parts = [base(o, downsample_regions(regions, o.shape[2:])) for o in outputs]
     expected = sum(w * p for w, p in zip([4 / 7, 2 / 7, 1 / 7], parts))
     assert loss_fn(outputs, target).item() == pytest.approx(expected.item(), rel=1e-6)
@@ -199,12 +206,12 @@ def test_deep_supervision_is_weighted_sum_over_scales(name):
 
 
 def test_deep_supervision_rejects_low_resolution_first():
-    loss_fn = build_loss(LossConfig())
+    loss_fn = build_loss(LossConfig(), GLI)
     target = torch.randint(0, 4, (1, 8, 8, 8))
     with pytest.raises(ValueError, match="full resolution first"):
         loss_fn([torch.randn(1, 4, 4, 4, 4), torch.randn(1, 4, 8, 8, 8)], target)
     with pytest.raises(ValueError, match="mode"):
-        DeepSupervisionLoss(DiceCELoss(), "softmax")
+        DeepSupervisionLoss(DiceCELoss(), "softmax", GLI)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,18 +220,18 @@ def test_deep_supervision_rejects_low_resolution_first():
 def test_build_loss_and_output_mode():
     assert output_mode(LossConfig(name="dice_ce")) == "labels"
     assert output_mode(LossConfig(name="region_dice_bce")) == "regions"
-    assert isinstance(build_loss(LossConfig(name="region_dice_bce")).base, RegionDiceBCELoss)
+    assert isinstance(build_loss(LossConfig(name="region_dice_bce"), GLI).base, RegionDiceBCELoss)
     cfg = LossConfig()
     cfg.name = "focal"
     with pytest.raises(ValueError, match="dice_ce, region_dice_bce"):
-        build_loss(cfg)
+        build_loss(cfg, GLI)
 
 
 @pytest.mark.parametrize("name", ["dice_ce", "region_dice_bce"])
 def test_low_precision_inputs_give_float32_loss(name):
     cfg = LossConfig(name=name)
-    loss_fn = build_loss(cfg)
-    k = output_channels(output_mode(cfg))
+    loss_fn = build_loss(cfg, GLI)
+    k = GLI.output_channels(output_mode(cfg))
     target = torch.randint(0, 4, (1, 6, 6, 6))
     conv = nn.Conv3d(1, k, 1)
     x = torch.randn(1, 1, 6, 6, 6)
@@ -265,8 +272,8 @@ def one_thread():
 def test_loss_decreases_when_fitting_a_tiny_network(name, one_thread):
     torch.manual_seed(0)
     cfg = LossConfig(name=name)
-    loss_fn = build_loss(cfg)
-    k = output_channels(output_mode(cfg))
+    loss_fn = build_loss(cfg, GLI)
+    k = GLI.output_channels(output_mode(cfg))
     image, classes = synthetic_volume()
     net = nn.Sequential(nn.Conv3d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv3d(8, k, 3, padding=1))
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from datasets.labels import output_channels
+from engine.task import builtin_tasks
 from engine.config import ModelConfig, load_config
 from engine.errors import UserError
 from losses import output_mode
@@ -457,10 +457,12 @@ def test_cuda_compile_bf16_channels_last(make):
 def test_configs_build(name, model_name, forward):
     cfg = load_config(ROOT / "configs" / name)
     assert cfg.model.name == model_name
-    out_channels = output_channels(output_mode(cfg.loss))
-    model = build_model(cfg.model, len(cfg.data.modalities), out_channels, patch_size=cfg.data.patch_size)
+    task = builtin_tasks()["brats-gli-2024"]  # 5 classes / 4 regions: nothing assumes 3 or 4
+    in_channels = len(task.select_modalities(cfg.data.modalities))
+    out_channels = task.output_channels(output_mode(cfg.loss))
+    model = build_model(cfg.model, in_channels, out_channels, patch_size=cfg.data.patch_size)
     assert isinstance(model, MODELS[model_name])
     if forward:  # the tiny configs run on CPU at their patch size
         with torch.no_grad():
-            out = model.eval()(torch.randn(1, len(cfg.data.modalities), *cfg.data.patch_size))
+            out = model.eval()(torch.randn(1, in_channels, *cfg.data.patch_size))
         assert out.shape == (1, out_channels, *cfg.data.patch_size)

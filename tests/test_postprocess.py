@@ -1,11 +1,16 @@
-"""Post-processing: small-component removal on nested regions, ET -> NCR below a volume."""
+"""Post-processing by the task's rules: small-component removal on the training regions (nested
+or not), the enhancing label relabelled below a volume."""
 import numpy as np
 import pytest
 
 from engine.config import InferConfig
 from engine.postprocess import postprocess, postprocess_classes, remove_small_components
+from engine.task import builtin_tasks
 
-BG, NCR, ED, ET = 0, 1, 2, 3
+TASKS = builtin_tasks()
+GLI = TASKS["brats-gli-2021"]
+BG, NCR, ED, ET = 0, 1, 2, 3  # classes of the glioma tasks
+RC = 4  # class of the resection cavity in brats-gli-2024
 
 
 def blob(shape, box, value, out=None):
@@ -30,7 +35,7 @@ def test_remove_small_components_uses_26_connectivity():
 def test_defaults_are_off():
     rng = np.random.default_rng(0)
     classes = rng.integers(0, 4, size=(8, 8, 8)).astype(np.uint8)
-    out = postprocess(classes, InferConfig())
+    out = postprocess(classes, InferConfig(), GLI)
     assert np.array_equal(out, classes) and out is not classes
 
 
@@ -40,7 +45,7 @@ def test_small_wt_component_removed_with_everything_inside():
     blob(shape, [(4, 6), (4, 6), (4, 6)], ET, classes)             # ET inside it
     blob(shape, [(14, 16), (14, 16), (14, 16)], ED, classes)       # small tumour: 8 voxels
     blob(shape, [(14, 15), (14, 15), (14, 15)], ET, classes)       # with ET inside
-    out = postprocess_classes(classes, [10, 0, 0])
+    out = postprocess_classes(classes, GLI, [10, 0, 0])
     assert (out[14:16, 14:16, 14:16] == BG).all()
     assert np.array_equal(out[:10, :10, :10], classes[:10, :10, :10])
 
@@ -54,7 +59,7 @@ def test_small_tc_component_becomes_edema_and_small_et_becomes_ncr():
     classes[12, 12, 12] = ET
     blob(shape, [(16, 18), (2, 5), (2, 5)], NCR, classes)          # core of 18 with ET of 4
     blob(shape, [(16, 18), (2, 3), (2, 4)], ET, classes)
-    out = postprocess_classes(classes, [0, 9, 5])
+    out = postprocess_classes(classes, GLI, [0, 9, 5])
     assert (out[12:14, 12:14, 12:14] == ED).all()                 # TC (8 < 9) removed -> ED, its ET too
     assert (out[16:18, 2:3, 2:4] == NCR).all()                    # ET (4 < 5) removed -> NCR
     assert (out[16:18, 2:5, 2:5] == NCR).all()
@@ -73,7 +78,7 @@ def test_small_tc_component_becomes_edema_and_small_et_becomes_ncr():
 def test_et_min_volume(et_voxels, threshold, expected_et):
     classes = blob((10, 10, 10), [(0, 5), (0, 5), (0, 5)], NCR)   # 125 tumour-core voxels
     classes[tuple(np.argwhere(classes == NCR)[:et_voxels].T)] = ET
-    out = postprocess_classes(classes, et_min_volume=threshold)
+    out = postprocess_classes(classes, GLI, et_min_volume=threshold)
     assert (out == ET).sum() == expected_et
     assert (out == NCR).sum() == 125 - expected_et
     assert (out == ED).sum() == 0
@@ -84,7 +89,7 @@ def test_et_rule_applies_after_component_removal():
     classes = blob(shape, [(0, 6), (0, 6), (0, 6)], NCR)
     blob(shape, [(0, 3), (0, 3), (0, 3)], ET, classes)   # 27 ET voxels
     classes[5, 5, 5] = ET                                 # plus an isolated one
-    out = postprocess_classes(classes, [0, 0, 2], et_min_volume=28)
+    out = postprocess_classes(classes, GLI, [0, 0, 2], et_min_volume=28)
     assert (out == ET).sum() == 0                         # 28 -> 27 after removal -> below 28 -> NCR
     assert (out == NCR).sum() == 216
 
@@ -92,7 +97,31 @@ def test_et_rule_applies_after_component_removal():
 @pytest.mark.parametrize("kwargs", [dict(min_component_size=[1, 2]), dict(min_component_size=[0, -1, 0]),
                                     dict(et_min_volume=-5)])
 def test_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError, match="infer."):
+        postprocess_classes(np.zeros((4, 4, 4), np.uint8), GLI, **kwargs)
     with pytest.raises(ValueError):
-        postprocess_classes(np.zeros((4, 4, 4), np.uint8), **kwargs)
-    with pytest.raises(ValueError):
-        postprocess_classes(np.zeros((4, 4), np.uint8))
+        postprocess_classes(np.zeros((4, 4), np.uint8), GLI)
+    with pytest.raises(ValueError, match="task brats-men-rt has no enhancing label"):
+        postprocess_classes(np.zeros((4, 4, 4), np.uint8), TASKS["brats-men-rt"], et_min_volume=10)
+
+
+def test_a_region_outside_wt_is_handled_on_its_own():
+    """GLI 2024: a small cavity component goes to background, a large one stays; a cavity next to
+    the tumour does not take tumour voxels with it."""
+    task = TASKS["brats-gli-2024"]
+    shape = (16, 16, 16)
+    classes = blob(shape, [(1, 7), (1, 7), (1, 7)], ED)             # tumour (216)
+    blob(shape, [(2, 5), (2, 5), (2, 5)], ET, classes)
+    blob(shape, [(7, 12), (1, 7), (1, 7)], RC, classes)             # big cavity touching it (180)
+    blob(shape, [(13, 15), (13, 15), (13, 15)], RC, classes)        # small cavity (8)
+    out = postprocess_classes(classes, task, [0, 0, 0, 10])
+    assert (out[13:15, 13:15, 13:15] == BG).all()
+    assert np.array_equal(out[:12, :8, :8], classes[:12, :8, :8])
+
+
+def test_ped_enhancing_label_becomes_netc():
+    task = TASKS["brats-ped"]  # classes 1 ET, 2 NETC, 3 CC, 4 ED
+    classes = blob((8, 8, 8), [(0, 4), (0, 4), (0, 4)], 2)
+    classes[0, 0, :3] = 1
+    out = postprocess_classes(classes, task, et_min_volume=5)
+    assert (out == 1).sum() == 0 and (out == 2).sum() == 64

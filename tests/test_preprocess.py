@@ -4,6 +4,9 @@ import pytest
 
 from datasets.io import Geometry
 from datasets.preprocess import bounding_box, brain_mask, crop, preprocess_case, zscore_in_mask
+from engine.task import builtin_tasks
+
+TASKS = builtin_tasks()
 
 
 def _images() -> np.ndarray:
@@ -73,9 +76,9 @@ def test_preprocess_case_crops_normalizes_and_converts_labels():
     seg = np.zeros((8, 7, 6), dtype=np.uint8)
     seg[3, 2, 3], seg[4, 2, 3], seg[5, 4, 4] = 1, 2, 4
     geometry = Geometry(affine=np.eye(4), header=None, shape=(8, 7, 6))
-    out, classes, geometry = preprocess_case(images, seg, geometry, "2021")
-    assert geometry.crop_box == ((2, 6), (1, 5), (3, 5))
-    assert geometry.convention == "2021" and geometry.cropped_shape == (4, 4, 2)
+    out, classes, cropped = preprocess_case(images, seg, geometry, TASKS["brats-gli-2021"])
+    assert cropped.crop_box == ((2, 6), (1, 5), (3, 5)) and geometry.crop_box is None  # the input is not changed
+    assert cropped.task == "brats-gli-2021" and cropped.cropped_shape == (4, 4, 2)
     assert out.shape == (2, 4, 4, 2) and classes.shape == (4, 4, 2) and classes.dtype == np.uint8
     assert (classes[1, 1, 0], classes[2, 1, 0], classes[3, 3, 1]) == (1, 2, 3)
     assert classes.sum() == 6
@@ -86,13 +89,28 @@ def test_preprocess_case_crops_normalizes_and_converts_labels():
     assert out.flags.c_contiguous and classes.flags.c_contiguous
 
 
+@pytest.mark.parametrize("name,values,classes", [
+    ("brats-ped", [1, 2, 3, 4], [1, 2, 3, 4]),       # PED: 1 ET, 2 NETC, 3 CC, 4 ED -> classes in that order
+    ("msd-brain", [1, 2, 3, 0], [2, 1, 3, 0]),       # MSD: value 1 (edema) is class 2, value 2 class 1
+    ("brats-gli-2024", [4, 3, 2, 1], [4, 3, 2, 1]),
+])
+def test_preprocess_case_uses_the_task_labels(name, values, classes):
+    seg = np.zeros((8, 7, 6), dtype=np.uint8)
+    seg[2:6, 1, 3] = values
+    geometry = Geometry(affine=np.eye(4), header=None, shape=(8, 7, 6))
+    _, out, _ = preprocess_case(_images(), seg, geometry, TASKS[name])
+    assert out[:, 0, 0].tolist() == classes
+
+
 def test_preprocess_case_without_labels():
     geometry = Geometry(affine=np.eye(4), header=None, shape=(8, 7, 6))
-    out, classes, geometry = preprocess_case(_images(), None, geometry, None)
-    assert classes is None and out.shape == (2, 4, 4, 2) and geometry.convention is None
+    out, classes, geometry = preprocess_case(_images(), None, geometry, TASKS["brats-gli-2023"])
+    assert classes is None and out.shape == (2, 4, 4, 2) and geometry.task == "brats-gli-2023"
 
 
-def test_preprocess_case_needs_convention_for_labels():
+def test_preprocess_case_rejects_labels_of_another_task():
     geometry = Geometry(affine=np.eye(4), header=None, shape=(8, 7, 6))
-    with pytest.raises(ValueError, match="convention"):
-        preprocess_case(_images(), np.zeros((8, 7, 6), np.uint8), geometry, None)
+    seg = np.zeros((8, 7, 6), np.uint8)
+    seg[3, 2, 3] = 4
+    with pytest.raises(ValueError, match=r"label values \[4\] are not labels of task brats-gli-2023"):
+        preprocess_case(_images(), seg, geometry, TASKS["brats-gli-2023"])

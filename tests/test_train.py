@@ -92,7 +92,8 @@ def test_end_to_end_outputs(base):
 
     state = load_checkpoint(run_a / "last.pt")
     assert state["epoch"] == EPOCHS and state["iteration"] == EPOCHS * ITERS and state["epoch_iteration"] == 0
-    assert state["convention"] == "2021" and state["modalities"] == ["t1", "t1ce", "t2", "flair"]
+    assert state["task"]["name"] == "brats-gli-2021" and state["modalities"] == ["t1", "t1ce", "t2", "flair"]
+    assert state["output_mode"] == "labels"
     assert state["config"]["train"]["epochs"] == EPOCHS
     assert {"optimizer", "scheduler", "scaler", "rng", "best"} <= set(state)
     best = load_checkpoint(run_a / "best.pt")
@@ -105,6 +106,7 @@ def test_end_to_end_outputs(base):
     assert {"train/loss", "train/lr", "train/patches_per_s", "val/dice_WT", "val/dice_TC", "val/dice_ET",
             "val/dice_mean"} <= scalars
     assert "val/panel" in events.Tags()["images"]
+    assert "val/legend/text_summary" in events.Tags()["tensors"]  # the colour legend of the panels
     lrs = {e.step: e.value for e in events.Scalars("train/lr")}
     assert sorted(lrs) == list(range(1, EPOCHS * ITERS + 1))  # log_every = 1
     for step, value in lrs.items():  # the LR of iteration i (0-based) is logged at step i + 1
@@ -188,7 +190,7 @@ class NaNAfter(torch.nn.Module):
 
 def test_nonfinite_loss_stops_without_saving_that_step(base, monkeypatch):
     real_build = train.build_loss
-    monkeypatch.setattr(train, "build_loss", lambda cfg: NaNAfter(real_build(cfg), ITERS + 2))
+    monkeypatch.setattr(train, "build_loss", lambda cfg, task: NaNAfter(real_build(cfg, task), ITERS + 2))
     out_dir = base["tmp"] / "run_nan"
     code, out, err = run(args(base, out_dir))
     assert code == 1
@@ -200,7 +202,7 @@ def test_nonfinite_loss_stops_without_saving_that_step(base, monkeypatch):
 
 def test_nonfinite_loss_skipped_when_asked(base, monkeypatch):
     real_build = train.build_loss
-    monkeypatch.setattr(train, "build_loss", lambda cfg: NaNAfter(real_build(cfg), 2 * ITERS))
+    monkeypatch.setattr(train, "build_loss", lambda cfg, task: NaNAfter(real_build(cfg, task), 2 * ITERS))
     out_dir = base["tmp"] / "run_skip"
     # also covers augmentation on the training device and HD95 in validation
     code, out, err = run(args(base, out_dir, "train.skip_nonfinite=true", "augment.device=train",
@@ -261,6 +263,9 @@ def test_bad_inputs_exit_2_with_one_line(base, tmp_path):
         (["--resume", str(corrupt)], "cannot read checkpoint"),
         (["--resume", str(run_a / "last.pt"), "model.unet3d.features=[8,16,32]"], "model.unet3d.features"),
         (args(base, run_a, "--resume", str(run_a / "last.pt"), "loss.name=region_dice_bce"), "loss.name"),
+        (args(base, tmp_path / "o6", "data.task=brats-gli-2042"), "did you mean 'brats-gli-2024'"),
+        (args(base, tmp_path / "o7", "data.task=brats-men-rt"), "task brats-men-rt has 1 GTV"),
+        (args(base, tmp_path / "o8", "data.modalities=[t1, adc]"), "'adc' is not a modality of task"),
     ]
     before = _snapshot(run_a)
     for argv, expected in cases:
@@ -271,7 +276,7 @@ def test_bad_inputs_exit_2_with_one_line(base, tmp_path):
         assert "Traceback" not in err
     assert _snapshot(run_a) == before
     assert _snapshot(other) == {"last.pt": b"another run's checkpoint"}
-    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 9))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,16 +358,22 @@ def test_progress_plain_lines_off_a_terminal():
 
 def test_validation_panel_layout():
     import numpy as np
-    from engine.logger import CLASS_COLORS, validation_panel
+    from engine.logger import validation_panel
+    from engine.task import builtin_tasks
+    colours = builtin_tasks()["brats-gli-2024"].colours  # ..., ET yellow (250, 220, 30), RC blue (60, 120, 255)
     images = np.zeros((4, 6, 5, 3), np.float32)
     images[3] = 1.0  # FLAIR channel: uniform brain
     ref = np.zeros((6, 5, 3), np.uint8)
     ref[1, 2, 2] = 3  # one ET voxel in slice z = 2 (the most tumour)
     pred = np.zeros_like(ref)
-    panel = validation_panel(images, ref, pred, channels=(3, 1))
+    pred[0, 0, 2] = 4  # one RC voxel
+    panel = validation_panel(images, ref, pred, channels=(3, 1), colours=colours)
     assert panel.shape == (3, 2 * 5, 2 * 6) and panel.min() >= 0 and panel.max() <= 1
     # top-left tile = FLAIR + ground truth, image row = second array axis, column = first
-    assert np.allclose(panel[:, 2, 1], 0.5 * 0 + 0.5 * CLASS_COLORS[3])  # FLAIR normalizes to 0 (constant)
-    assert np.allclose(panel[:, 2, 6 + 1], 0.0)  # top-right: prediction, nothing painted
+    assert np.allclose(panel[:, 2, 1], 0.5 * np.array([250, 220, 30]) / 255)  # FLAIR normalizes to 0 (constant)
+    assert np.allclose(panel[:, 0, 6 + 0], 0.5 * np.array([60, 120, 255]) / 255)  # top-right: the RC prediction
+    assert np.allclose(panel[:, 2, 6 + 1], 0.0)  # nothing painted there
+    one_row = validation_panel(images[:1], ref, pred, channels=(0,), colours=colours)  # a one-modality task
+    assert one_row.shape == (3, 5, 2 * 6)
     with pytest.raises(ValueError):
-        validation_panel(images, ref[:, :, :2], pred, channels=(3, 1))
+        validation_panel(images, ref[:, :, :2], pred, channels=(3, 1), colours=colours)
