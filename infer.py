@@ -20,8 +20,9 @@ evaluated) unless ``--overwrite``. When a case has a label file, per-case metric
 of its task go to ``OUTPUT/metrics.json`` and ``OUTPUT/metrics.csv`` (the format of
 ``evaluate.py``) and the summary table is printed; a label file with values outside the task
 fails the case. ``--save-probabilities`` also writes ``OUTPUT/<case_id>_probs.nii.gz`` (4D,
-channel last); ``--png`` a picture of three orthogonal slices through the tumour with the
-prediction (and reference) overlaid and a legend of the task's labels. Only ``infer.*`` and
+channel last); ``--png`` ``OUTPUT/<case_id>.png``, a picture of three orthogonal slices through
+the tumour (radiological convention) with the prediction (and reference) overlaid, the case's
+Dice line when it has a reference and a legend of the task's labels (``engine/render.py``). Only ``infer.*`` and
 ``metrics.*`` keys can be overridden. A failing case among many is reported and skipped (exit
 code 1 at the end); bad input (checkpoint, empty folder, a single bad case) exits 2 with one line.
 """
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import logging
 import sys
 import time
@@ -38,20 +38,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from datasets.detect import case_facts, choose_from_facts, label_values, read_label_values
-from datasets.io import Case, CaseError, Geometry, discover_cases, read_case, uncrop, write_probabilities, \
+from datasets.io import Case, CaseError, Geometry, discover_cases, read_case, to_original, write_probabilities, \
     write_segmentation
-from datasets.preprocess import preprocess_case
-from engine.atomic import atomic_write_bytes
+from datasets.preprocess import preprocess_case, restore_probabilities
 from engine.config import Config
 from engine.errors import UserError, run_cli
 from engine.postprocess import postprocess
 from engine.predict import ModelSpec, load_models, override_infer_config, predict_case, resolve_device
+from engine.render import dice_line, render_case, save_png
 from engine.task import Task, TaskError, display_channels, load_task
 from metrics import aggregate, case_metrics, evaluate_files, format_table, write_report
 
@@ -267,7 +266,7 @@ def read_stage(run: Run, case: Case) -> Loaded:
             ref_classes = task.labels_to_classes(seg)
         except ValueError as err:
             raise CaseError(f"{case.seg}: {err}") from None
-    crop_images, _, geometry = preprocess_case(images, None, geometry, task)
+    crop_images, _, geometry = preprocess_case(images, None, geometry, task, run.spec.spacing)
     overlay = images[display_channels(run.spec.modalities)[0]] if run.args.png else None  # not all C channels
     return Loaded(case, task, run.output_task or task, overlay, crop_images, geometry, ref_classes,
                   time.perf_counter() - tick)
@@ -279,6 +278,7 @@ def predict_stage(run: Run, loaded: Loaded) -> tuple[np.ndarray, np.ndarray | No
     tick = time.perf_counter()
     cfg, spec = run.cfg, run.spec
     probs = predict_case(run.models, loaded.crop_images, cfg.infer, cfg.data.patch_size, spec.mode, run.device)
+    probs = restore_probabilities(probs, loaded.geometry)  # to the crop's own grid, before labels are decided
     classes = spec.task.decode(probs, spec.mode, cfg.infer.region_threshold).cpu().numpy()
     classes = postprocess(classes, cfg.infer, spec.task)
     kept = probs.cpu().numpy() if run.args.save_probabilities else None
@@ -287,33 +287,39 @@ def predict_stage(run: Run, loaded: Loaded) -> tuple[np.ndarray, np.ndarray | No
 
 def write_stage(run: Run, loaded: Loaded, classes: np.ndarray, probs: np.ndarray | None,
                 seg_path: Path) -> dict[str, float]:
-    """Write the mask (and probabilities / PNG), then score it; returns seconds per step."""
+    """Write the mask (and probabilities), score it, then draw the PNG (with the case's Dice line
+    when it has a reference); returns seconds per step."""
     tick = time.perf_counter()
     case, geometry, cfg = loaded.case, loaded.geometry, run.cfg
-    write_segmentation(loaded.out_task.classes_to_labels(classes), geometry, seg_path)
+    full_classes = to_original(classes, geometry)  # the input's grid: pasted, reoriented back
+    write_segmentation(loaded.out_task.classes_to_labels(full_classes), geometry, seg_path)
     if probs is not None:
         write_probabilities(full_probabilities(probs, geometry, run.spec.mode), geometry,
                             run.output / f"{case.case_id}_probs.nii.gz")
-    full_classes = uncrop(classes, geometry)
-    if run.args.png:
-        write_overlay_png(run.output / f"{case.case_id}.png", loaded.overlay, full_classes, loaded.ref_classes,
-                          geometry.affine, loaded.task)
     timing = {"write": time.perf_counter() - tick}
+    metrics = None
     if loaded.ref_classes is not None:
         tick = time.perf_counter()
-        run.per_case[case.case_id] = case_metrics(full_classes, loaded.ref_classes, geometry.spacing, loaded.task,
-                                                  cfg.metrics.convention, hd95=True)
+        metrics = case_metrics(full_classes, loaded.ref_classes, geometry.spacing, loaded.task,
+                               cfg.metrics.convention, hd95=True)
+        run.per_case[case.case_id] = metrics
         timing["metrics"] = time.perf_counter() - tick
+    if run.args.png:  # three slices through the tumour, prediction and reference rows, legend (engine/render.py)
+        tick = time.perf_counter()
+        picture = render_case(loaded.overlay, full_classes, loaded.ref_classes, geometry.affine, loaded.task,
+                              case.case_id, subtitle=None if metrics is None else dice_line(metrics, loaded.task))
+        save_png(picture, run.output / f"{case.case_id}.png")
+        timing["write"] += time.perf_counter() - tick
     return timing
 
 
 def full_probabilities(probs: np.ndarray, geometry: Geometry, mode: str) -> np.ndarray:
-    """Cropped probabilities ``(K, x, y, z)`` -> full shape; outside the brain crop background is
-    certain (probability 1 for the background class in labels mode, 0 elsewhere)."""
-    full = uncrop(probs, geometry, fill=0.0)
-    if mode == "labels" and full is not probs:
-        outside = uncrop(np.ones(probs.shape[1:], dtype=bool), geometry, fill=False)
-        full[0][~outside] = 1.0
+    """Probabilities ``(K, x, y, z)`` of the canonical crop -> the original grid; outside the crop
+    background is certain (probability 1 for the background class in labels mode, 0 elsewhere)."""
+    full = to_original(probs, geometry, fill=0.0)
+    if mode == "labels":
+        inside = to_original(np.ones(probs.shape[1:], dtype=bool), geometry, fill=False)
+        full[0][~inside] = 1.0
     return full
 
 
@@ -341,83 +347,6 @@ def report_metrics(run: Run) -> None:
         f"task {run.spec.task.name}):")
     say(format_table(summary))
     say(f"wrote {json_path} and {csv_path}")
-
-
-# ----------------------------------------------------------------------------------------------
-# PNG overlay: three orthogonal slices through the tumour centre, with a legend of the task's labels.
-# ----------------------------------------------------------------------------------------------
-OVERLAY_ALPHA = 0.5
-PNG_MIN_SIZE = 256  # volumes smaller than this (largest axis, voxels) are zoomed by an integer factor
-LEGEND_HEIGHT = 22  # pixels of the legend strip under the slices
-
-
-def write_overlay_png(path: Path, image: np.ndarray, pred: np.ndarray, ref: np.ndarray | None,
-                      affine: np.ndarray, task: Task) -> Path:
-    """Axial, coronal and sagittal slices of ``image (X, Y, Z)`` through the centre of the
-    predicted tumour (else the reference's, else the volume's), reoriented to RAS (anterior and
-    superior up, patient's left on the left of the picture). Top row: prediction; bottom row:
-    reference (when given); each row titled. Classes in the task's colours, named in a legend
-    strip at the bottom (label name and file value). Written atomically."""
-    transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
-                                                nib.orientations.axcodes2ornt("RAS"))
-    image, pred = (nib.orientations.apply_orientation(a, transform) for a in (image, pred))
-    ref = None if ref is None else nib.orientations.apply_orientation(ref, transform)
-    tumour = pred > 0 if (pred > 0).any() else (ref > 0 if ref is not None else np.zeros_like(pred, bool))
-    centre = (np.argwhere(tumour).mean(axis=0) if tumour.any() else (np.array(pred.shape) - 1) / 2).round().astype(int)
-    grey = _to_grey(image)
-    palette = np.asarray(task.colours, dtype=np.float32)
-    rows = [_slice_row(grey, labels, centre, palette) for labels in ([pred] if ref is None else [pred, ref])]
-    width = max(r.shape[1] for r in rows)
-    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
-    scale = max(1, PNG_MIN_SIZE // max(pred.shape))  # small volumes: integer nearest-neighbour zoom
-    picture = np.concatenate(rows, axis=0).repeat(scale, axis=0).repeat(scale, axis=1)
-    titles = ["prediction"] + (["reference"] if ref is not None else [])
-    return atomic_write_bytes(path, render_png(picture, titles, task))
-
-
-def render_png(picture: np.ndarray, titles: list[str], task: Task) -> bytes:
-    """``picture (H, W, 3)`` uint8 made of ``len(titles)`` equal rows -> PNG bytes with each
-    row's title in its top-left corner and a legend strip (one swatch per label) underneath."""
-    from PIL import Image, ImageDraw, ImageFont  # imported here: only --png needs it
-
-    height, width, _ = picture.shape
-    canvas = Image.new("RGB", (width, height + LEGEND_HEIGHT), (0, 0, 0))
-    canvas.paste(Image.fromarray(picture), (0, 0))
-    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
-    row_height = height // max(len(titles), 1)
-    for i, title in enumerate(titles):
-        draw.text((4, i * row_height + 3), title, fill=(255, 255, 255), font=font)
-    x = 4
-    for name, value, rgb in zip(task.class_names[1:], task.label_values[1:], task.colours[1:]):
-        top = height + (LEGEND_HEIGHT - 12) // 2
-        draw.rectangle([x, top, x + 12, top + 12], fill=tuple(rgb))
-        text = f"{name} ({value})"
-        draw.text((x + 16, top), text, fill=(255, 255, 255), font=font)
-        x += 16 + int(draw.textlength(text, font=font)) + 12
-    buffer = io.BytesIO()
-    canvas.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _to_grey(image: np.ndarray) -> np.ndarray:
-    inside = image[image != 0]
-    low, high = (np.percentile(inside, [0.5, 99.5]) if inside.size else (0.0, 1.0))
-    return np.clip((image - low) / max(high - low, 1e-6), 0, 1) * 255.0
-
-
-def _slice_row(grey: np.ndarray, labels: np.ndarray, centre, palette: np.ndarray) -> np.ndarray:
-    cx, cy, cz = centre
-    views = [(grey[:, :, cz], labels[:, :, cz]), (grey[:, cy, :], labels[:, cy, :]), (grey[cx, :, :], labels[cx, :, :])]
-    panels = []
-    for g, lab in views:  # array (horizontal axis, vertical axis) -> picture rows top-down
-        g, lab = np.flipud(g.T), np.flipud(lab.T)
-        rgb = np.repeat(g[..., None], 3, axis=2)
-        tumour = lab > 0
-        rgb[tumour] = (1 - OVERLAY_ALPHA) * rgb[tumour] + OVERLAY_ALPHA * palette[lab[tumour]]
-        panels.append(rgb)
-    height = max(p.shape[0] for p in panels)
-    panels = [np.pad(p, ((0, height - p.shape[0]), (0, 2), (0, 0))) for p in panels]
-    return np.concatenate(panels, axis=1).round().astype(np.uint8)
 
 
 if __name__ == "__main__":

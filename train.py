@@ -43,15 +43,17 @@ from torch.nn.parallel import DistributedDataParallel
 from datasets.augment import Augmenter
 from datasets.cache import prepare_cache
 from datasets.loader import build_train_loader
+from datasets.spatial import plan_strides, pooling_problem
 from datasets.split import load_split, make_split, save_split
 from datasets.synthetic import generate_dataset
 from engine import distributed as dist
 from engine.checkpoint import load_checkpoint, save_checkpoint, stored_task, unwrap_model
 from engine.config import ConfigError, apply_overrides, from_dict, load_config, parse_override, save_config, to_dict
 from engine.errors import UserError, run_cli
-from engine.logger import Progress, RunLogger, validation_panel
+from engine.logger import Progress, RunLogger
 from engine.optim import LRSchedule, apply_hyperparameters, build_optimizer
 from engine.predict import predict_case
+from engine.render import as_chw, dice_line, render_case
 from engine.task import builtin_tasks, display_channels, load_task
 from losses import build_loss, output_mode
 from metrics import aggregate, case_metrics, means
@@ -59,7 +61,7 @@ from models import build_model, count_parameters
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 # keys that must equal the checkpoint's on --resume (the weights / optimizer state depend on them)
-RESUME_FIXED = ("model", "data.modalities", "loss.name", "train.optimizer", "train.iters_per_epoch")
+RESUME_FIXED = ("model", "data.modalities", "data.spacing", "loss.name", "train.optimizer", "train.iters_per_epoch")
 
 
 class NonFiniteLoss(Exception):
@@ -104,13 +106,13 @@ def train(cfg, info: dist.DistInfo, resume: dict | None, started: float) -> int:
     out_dir = Path(cfg.out_dir)
 
     # ---------------- data: (synthetic) cases -> preprocessed cache -> split -> loader ----------------
-    cache = prepare_data(cfg, info, log)
+    cache = prepare_data(cfg, info, log, resume)
     task = cache.task
     if resume is not None:
         check_resume_task(task, resume, cfg.out_dir)
     split = load_or_make_split(cfg, cache, resume is not None)
     geometries = {cid: cache.load(cid).geometry for cid in cache.case_ids}
-    check_patch_size(cfg.data.patch_size, geometries)
+    check_grid(cfg, cache.spacing, geometries)
     loader = build_train_loader(cache, split["train"], cfg, rank=info.rank, world_size=info.world_size,
                                 device_type=device.type)
     augmenter = Augmenter(cfg.augment) if cfg.augment.device == "train" else None
@@ -164,7 +166,7 @@ def train(cfg, info: dist.DistInfo, resume: dict | None, started: float) -> int:
     log(f"{cfg.model.name}: {count_parameters(model) / 1e6:.2f} M parameters | device {device} x "
         f"{info.world_size} | precision {precision_name(amp_dtype)} | effective batch {effective} "
         f"({cfg.data.batch_size} x {info.world_size} processes) | {len(split['train'])} train / "
-        f"{len(split['val'])} val cases | task {task.name} ({task.describe_labels()}; {mode} output over "
+        f"{len(split['val'])} val cases | spacing {spacing_text(cache.spacing)} | task {task.name} ({task.describe_labels()}; {mode} output over "
         f"{', '.join(task.class_names[1:] if mode == 'labels' else task.training_region_names)}) | out_dir {out_dir}")
     if resume is not None:
         log(f"resumed at epoch {epoch + 1}, iteration {iteration} (lr {schedule.lr_at(iteration):.3g}, "
@@ -278,6 +280,7 @@ def train(cfg, info: dist.DistInfo, resume: dict | None, started: float) -> int:
         if is_main:
             state = {
                 "config": to_dict(cfg), "task": task.to_dict(), "modalities": list(cache.modalities),
+                "spacing": list(cache.spacing) if cache.spacing else None,
                 "output_mode": mode, "model": unwrap_model(model).state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
                 "scaler": scaler.state_dict(), "epoch": epoch, "epoch_iteration": epoch_iter,
@@ -373,7 +376,10 @@ def check_resume(cfg, state: dict, path: str) -> None:
     missing = [k for k in ("optimizer", "scheduler", "iteration", "epoch", "rng") if k not in state]
     if missing:
         raise UserError(f"{path}: not a training checkpoint (missing {', '.join(missing)}); cannot resume from it")
-    ours, theirs = to_dict(cfg), state["config"]
+    try:
+        ours, theirs = to_dict(cfg), to_dict(from_dict(copy.deepcopy(state["config"])))  # with today's defaults
+    except ConfigError as err:
+        raise UserError(f"{path}: stored config is invalid ({err})") from None
     for key in RESUME_FIXED:
         a, b = _lookup(ours, key), _lookup(theirs, key)
         if a != b:
@@ -412,8 +418,9 @@ def stream_seed(seed: int, rank: int, iteration: int) -> int:
     return int(np.random.SeedSequence([seed, rank, iteration]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def prepare_data(cfg, info: dist.DistInfo, log):
-    """Generate the synthetic dataset if asked and missing, then build the cache (rank 0 first)."""
+def prepare_data(cfg, info: dist.DistInfo, log, resume: dict | None = None):
+    """Generate the synthetic dataset if asked and missing, then build the cache (rank 0 first).
+    A resumed run keeps the grid it was trained on (``data.spacing: auto`` is not planned again)."""
     root = Path(cfg.data.root)
     # rank 0 decides (the others could see the folder it is creating) and tells the others
     if dist.broadcast_object(not root.exists() and cfg.data.synthetic_cases > 0):
@@ -424,12 +431,15 @@ def prepare_data(cfg, info: dist.DistInfo, log):
                              task=cfg.data.synthetic_task, shape=tuple(cfg.data.synthetic_shape),
                              workers=max(1, cfg.data.cache_workers))
         dist.barrier()
+    data_cfg = cfg.data
+    if resume is not None:
+        data_cfg = dataclasses.replace(cfg.data, spacing=list(resume["spacing"]) if resume.get("spacing") else None)
     cache = None
     if info.is_main:
-        cache = prepare_cache(cfg.data, show_progress=True)
+        cache = prepare_cache(data_cfg, show_progress=True)
     dist.barrier()
     if not info.is_main:
-        cache = prepare_cache(cfg.data, show_progress=False)
+        cache = prepare_cache(data_cfg, show_progress=False)
     if len(cache.case_ids) < 2:
         raise UserError(f"{cfg.data.root}: {len(cache.case_ids)} labelled case(s); training needs at least 2 "
                         "(one to train on, one to validate)")
@@ -450,13 +460,49 @@ def load_or_make_split(cfg, cache, resuming: bool) -> dict[str, list[str]]:
     return split
 
 
-def check_patch_size(patch: list[int], geometries: dict) -> None:
-    """``UserError`` when the patch is larger than every case (in their original shape)."""
-    fits = [cid for cid, g in geometries.items() if all(p <= s for p, s in zip(patch, g.shape))]
-    if not fits:
-        largest = max((tuple(g.shape) for g in geometries.values()), key=lambda s: math.prod(s))
-        raise UserError(f"data.patch_size {list(patch)} is larger than every case (largest case "
-                        f"{'x'.join(map(str, largest))}); choose a smaller patch")
+def check_grid(cfg, spacing, geometries: dict) -> None:
+    """The patch and the network must fit the model grid (``UserError`` saying what would work):
+    the patch no larger than every case, and (unet3d) no axis pooled while it is more than twice
+    as coarse as the finest one (thick slices; nnU-Net plans strides per axis the same way)."""
+    patch = list(cfg.data.patch_size)
+    shapes = {cid: g.model_full_shape for cid, g in geometries.items()}
+    if not any(all(p <= s for p, s in zip(patch, shape)) for shape in shapes.values()):
+        largest = max(shapes.values(), key=math.prod)
+        raise UserError(f"data.patch_size {patch} is larger than every case (largest case "
+                        f"{'x'.join(map(str, largest))} at spacing {spacing_text(spacing)}); choose a smaller patch")
+    if cfg.model.name != "unet3d":
+        return
+    grid = spacing or tuple(np.median([g.model_spacing for g in geometries.values()], axis=0))
+    strides = cfg.model.unet3d.strides
+    problem = pooling_problem(strides, grid)
+    if problem is not None:
+        planned = plan_strides(grid, len(strides))
+        suggestion = suggest_patch(patch, grid, planned, shapes.values())
+        raise UserError(f"model.unet3d.strides: {problem} (spacing {spacing_text(grid)}); for this spacing use "
+                        f"model.unet3d.strides={compact(planned)} data.patch_size={suggestion}")
+
+
+def suggest_patch(patch, spacing, strides, shapes) -> list[int]:
+    """A patch of about ``patch``'s voxel count covering about the same mm along each axis,
+    each size a multiple of the strides' product along its axis and within the median case."""
+    divisor = [math.prod(s[axis] for s in strides) for axis in range(3)]
+    median = np.median(np.asarray(list(shapes)), axis=0)
+    extent = [1.0 / s for s in spacing]
+    scale = (math.prod(patch) / math.prod(extent)) ** (1 / 3)
+    out = []
+    for e, d, m in zip(extent, divisor, median):
+        size = max(d, int(round(scale * e / d)) * d)
+        out.append(int(min(size, max(d, int(m) // d * d))))
+    return out
+
+
+def compact(strides) -> list:
+    """``[[1, 1, 1], [2, 2, 1]]`` -> ``[1, [2, 2, 1]]`` (one int where all axes agree)."""
+    return [s[0] if len(set(s)) == 1 else list(s) for s in strides]
+
+
+def spacing_text(spacing) -> str:
+    return "original (not resampled)" if spacing is None else "x".join(f"{s:g}" for s in spacing) + " mm"
 
 
 def load_weights(model: torch.nn.Module, state: dict) -> None:
@@ -481,8 +527,8 @@ def legend_markdown(task) -> str:
 def validate(model, cache, case_ids: list[str], cfg, mode: str, info: dist.DistInfo, channels):
     """Sliding-window prediction of whole cached validation cases, sharded over ranks.
 
-    Returns (on rank 0) ``{case_id: case_metrics(...)}`` of all cases and an image panel of the
-    first case; on other ranks ``({}, None)``.
+    Returns (on rank 0) ``{case_id: case_metrics(...)}`` of all cases and the picture of the
+    first case (``validation_panel``); on other ranks ``({}, None)``.
     """
     net = unwrap_model(model)  # predict_case puts it in eval mode and back
     infer_cfg = dataclasses.replace(cfg.infer, tta=False)
@@ -494,14 +540,26 @@ def validate(model, cache, case_ids: list[str], cfg, mode: str, info: dist.DistI
         probs = predict_case([net], images, infer_cfg, window, mode, info.device)
         pred = cache.task.decode(probs, mode, cfg.infer.region_threshold).cpu().numpy()
         ref = np.asarray(case.classes)
-        results[case_id] = case_metrics(pred, ref, case.geometry.spacing, cache.task,
+        results[case_id] = case_metrics(pred, ref, case.geometry.model_spacing, cache.task,
                                         convention=cfg.metrics.convention, hd95=cfg.train.val_hd95)
         if info.is_main and i == 0:
-            panel = validation_panel(np.asarray(case.images), ref, pred, channels, cache.task.colours)
+            panel = validation_panel(case_id, case, pred, ref, channels[0], cache.task, results[case_id])
     merged = {}
     for part in dist.all_gather_objects(results):
         merged.update(part)
     return (merged, panel) if info.is_main else ({}, None)
+
+
+def validation_panel(case_id: str, case, pred: np.ndarray, ref: np.ndarray, channel: int, task,
+                     metrics: dict) -> np.ndarray:
+    """The TensorBoard picture ``val/panel`` of a cached validation case, ``(3, H, W)`` floats in
+    ``[0, 1]``: what ``infer.py --png`` draws (``engine.render``), of image channel ``channel``
+    (FLAIR, else the first display channel), prediction and reference rows and the case's Dice
+    line. The cached arrays are on the model grid: canonical voxel axes at ``model_spacing``."""
+    picture = render_case(np.asarray(case.images[channel], dtype=np.float32), pred, ref, case.geometry.model_affine,
+                          task, case_id,
+                          subtitle=dice_line(metrics, task))
+    return as_chw(picture)
 
 
 def log_validation(logger, summary, mean_dice, best, per_case, panel, epoch, iteration, train_loss, lr) -> None:

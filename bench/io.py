@@ -12,6 +12,12 @@ to a work folder, then timed:
 - ``cache_patch_read``: what a loader worker does per sample without augmentation: open the
   memory-mapped case, choose a random patch start (a third forced onto tumour) and copy the image
   (float32, as the loader hands it to CPU augmentation) and class (uint8) patch out, at a random place each call.
+- ``resampling``: native-space data: a ``--shape`` case with 3 mm slices (4 channels, 1x1x3 mm)
+  resampled to 1 mm (``datasets.spatial.resample``, ``"image"``), and 4-channel probabilities of
+  the 1 mm grid resampled back (``"linear"``), on ``--device``;
+- ``native_path``: peak memory (RSS, in a fresh process) of the inference path without the network
+  for a ``--native-shape`` case at ``--native-spacing`` mm (default 500x500x40 at 0.5x0.5x5)
+  resampled to 1 mm: reorient, crop, z-score, resample, probabilities back, labels, paste back.
 ``*_cold`` variants first drop the files from the OS page cache (``posix_fadvise(DONTNEED)``), as
 when the dataset does not fit in RAM; the others read from the page cache. With MONAI:
 ``LoadImaged`` + ``EnsureChannelFirstd`` of the same files (its NIfTI reader), and reading one
@@ -21,19 +27,24 @@ z-score in the nonzero mask) with ``torch.save``: MONAI's on-disk cache loads wh
 """
 from __future__ import annotations
 
+import json
 import os
+import resource
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (benchmark_parser, finish, import_monai, load_average, log, measure,  # noqa: E402
+from bench.common import (ROOT, benchmark_parser, finish, import_monai, load_average, log, measure,  # noqa: E402
                           monai_skipped, ratio, setup, synthetic_cases, work_dir)
 from datasets.cache import CacheIndex, build_case  # noqa: E402
-from datasets.io import read_case  # noqa: E402
-from datasets.preprocess import preprocess_case  # noqa: E402
+from datasets.io import Geometry, read_case, to_original  # noqa: E402
+from datasets.preprocess import preprocess_case, restore_probabilities  # noqa: E402
+from datasets.spatial import resample  # noqa: E402
 from datasets.sampling import choose_patch_start, extract_patch  # noqa: E402
 from engine.task import builtin_tasks  # noqa: E402
 
@@ -58,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", type=int, nargs=3, default=[240, 240, 155], help="case shape X Y Z")
     parser.add_argument("--patch", type=int, nargs=3, default=[128, 128, 128], help="training patch X Y Z")
     parser.add_argument("--patch-repeats", type=int, default=20, help="timed patch reads (each at a new place)")
+    parser.add_argument("--native-shape", type=int, nargs=3, default=[500, 500, 40], help="native-space case X Y Z")
+    parser.add_argument("--native-spacing", type=float, nargs=3, default=[0.5, 0.5, 5.0], help="its spacing, mm")
     args = parser.parse_args(argv)
     device = setup(args)
     load_at_start = load_average()
@@ -115,11 +128,71 @@ def main(argv: list[str] | None = None) -> int:
             if cold_ok:
                 timed(f"cache_patch_read_{dtype}_cold", lambda: read_patch(True), repeats=args.patch_repeats, warmup=0)
 
+        report["resampling"] = resampling(images, device, args)
+        report["native_path"] = native_path_memory(args.native_shape, args.native_spacing)
+        log(f"resampling: {report['resampling']}; native path: {report['native_path']}")
+
         report["speedup_patch_over_nifti_read"] = {
             dtype: ratio(report["nifti_read"]["median_s"], report[f"cache_patch_read_{dtype}"]["median_s"], 1)
             for dtype in ("float32", "float16")}
         report["monai"] = monai_io(monai, case, work, args, timed, report) if monai else monai_skipped(args.no_monai)
     return finish(report, args, device, load_at_start)
+
+
+def resampling(images: np.ndarray, device: torch.device, args) -> dict:
+    """A 1x1x3 mm version of the case (every third slice) to 1 mm, and 1 mm probabilities back."""
+    thick = torch.from_numpy(np.ascontiguousarray(images[..., ::3])).to(device)
+    full = tuple(thick.shape[1:3]) + (thick.shape[3] * 3,)
+    probs = torch.softmax(torch.randn((4,) + full, generator=torch.Generator().manual_seed(0)), 0).to(device)
+    return {
+        "from_shape": list(thick.shape), "to_shape": [4, *full], "spacing": [1, 1, 3], "device": str(device),
+        "forward_image": measure(lambda: resample(thick, full, "image", (1.0, 1.0, 3.0)), args.repeats,
+                                 args.warmup, args.budget, device),
+        "back_probabilities": measure(lambda: resample(probs, tuple(thick.shape[1:]), "linear"), args.repeats,
+                                      args.warmup, args.budget, device),
+    }
+
+
+def native_path_memory(shape, spacing) -> dict:
+    """``_native_path`` in a fresh Python process: its peak RSS above the imports, in MB."""
+    code = (f"import json, sys; sys.argv = ['io.py']; from bench.io import _native_path; "
+            f"print(json.dumps(_native_path({tuple(int(s) for s in shape)}, {tuple(float(s) for s in spacing)})))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _native_path(shape, spacing) -> dict:
+    """Inference on a native-space case without the network: an ellipsoid head of ``shape`` at
+    ``spacing`` mm (4 channels), resampled to 1 mm, uniform probabilities back, labels pasted back."""
+    torch.set_num_threads(1)
+    baseline = peak_rss_kb()
+    grid = np.meshgrid(*[np.linspace(-1, 1, n, dtype=np.float32) for n in shape], indexing="ij")
+    head = sum(g * g for g in grid) < 0.8
+    images = np.stack([np.where(head, 100.0 + 10 * c + grid[0], 0.0).astype(np.float32) for c in range(4)])
+    del grid
+    geometry = Geometry(affine=np.diag([-spacing[0], -spacing[1], spacing[2], 1.0]), header=None, shape=shape)
+    model_input, _, geometry = preprocess_case(images, None, geometry, TASK, (1.0, 1.0, 1.0))
+    probs = torch.full((4,) + tuple(model_input.shape[1:]), 0.25)  # what the network's windows would give
+    del model_input
+    labels = TASK.decode(restore_probabilities(probs, geometry), "labels").numpy()
+    del probs
+    full = to_original(labels, geometry)
+    peak = peak_rss_kb()
+    return {"shape": list(shape), "spacing": list(spacing), "model_grid": list(geometry.model_shape),
+            "output_shape": list(full.shape), "peak_rss_mb_above_imports": round((peak - baseline) / 1024, 1)}
+
+
+def peak_rss_kb() -> int:
+    """This process's peak resident memory in kB: ``VmHWM`` of /proc (Linux; ``ru_maxrss`` would
+    include the parent's peak, since it survives fork + exec), else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def monai_io(monai, case, work: Path, args, timed, report: dict) -> dict:

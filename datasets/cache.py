@@ -1,17 +1,20 @@
-"""Preprocessing cache: every labelled case is read, cropped and z-scored once, stored as ``.npy``.
+"""Preprocessing cache: every labelled case is read, reoriented, cropped, z-scored and resampled
+once, and stored as ``.npy``.
 
     index = prepare_cache(cfg.data)          # builds what is missing or stale, in parallel
     index.task                # the data's task (data.task, or detected when "auto")
+    index.spacing             # the target spacing (data.spacing, or planned when "auto"; None: not resampled)
     case = index.load(index.case_ids[0])     # memory-mapped, nothing read until sliced
-    case.images               # (C, x, y, z) float16/float32, cropped to the brain, z-scored
+    case.images               # (C, x, y, z) float16/float32 on the model grid (datasets.preprocess)
     case.classes              # (x, y, z) uint8 training classes of the task (0 background, 1..K)
     case.class_locations[3]   # (N, 3) int32: up to MAX_LOCATIONS random voxel coordinates of class 3
 
 Layout: ``<data.cache_dir>/<settings hash>/`` holds ``<id>_image.npy``, ``<id>_label.npy``,
 ``<id>_locs.npz`` and ``<id>.json`` per case. The hash covers everything that changes the
-arrays (modalities, dtype, the task's classes, data root, ``PREPROCESS_VERSION``), so changed
-settings get a new folder. Each case's file labels are converted with its own task (a 2021-named
-case in 2023 data keeps ET = 4 on disk and becomes the same class). A case is rebuilt when its json is missing or the size/mtime of one of
+arrays (modalities, dtype, the task's classes, the target spacing, data root,
+``PREPROCESS_VERSION``), so changed settings get a new folder. Each case's file labels are
+converted with its own task (a 2021-named case in 2023 data keeps ET = 4 on disk and becomes the
+same class). A case is rebuilt when its json is missing or the size/mtime of one of
 its source files changed. Every file is written to a temporary name and renamed, the json last:
 an interrupted build never leaves a case that looks complete.
 """
@@ -20,7 +23,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import sys
 import time
 import uuid
 import zlib
@@ -29,14 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from engine.config import DataConfig
 from engine.errors import UserError
+from engine.logger import Progress
 from engine.task import Task, builtin_tasks
 from datasets.detect import file_label_values, label_values, resolve_task
-from datasets.io import Case, CaseError, Geometry, discover_cases, read_case
+from datasets.io import Case, CaseError, Geometry, check_voxel_spacing, discover_cases, load_nifti, read_case
 from datasets.preprocess import preprocess_case
+from datasets.spatial import canonical_orientation, canonical_values, plan_spacing
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +70,7 @@ class CacheIndex:
     task: Task
     modalities: tuple[str, ...]  # canonical names, in channel order
     case_ids: list[str]
+    spacing: tuple[float, float, float] | None = None  # the target spacing (mm); None: not resampled
 
     def load(self, case_id: str, mmap: bool = True) -> CachedCase:
         """Open a cached case (``np.load`` with ``mmap_mode='r'`` when ``mmap``)."""
@@ -105,9 +112,10 @@ def prepare_cache(data_cfg: DataConfig, cases: list[Case] | None = None,
     choice = resolve_task(data_cfg.task, labelled, values=values)
     task = choice.task
     modalities = task.select_modalities(data_cfg.modalities)
+    spacing = target_spacing(data_cfg.spacing, labelled, choice.per_case)
     settings = {"modalities": list(modalities), "cache_dtype": data_cfg.cache_dtype, "task": task.name,
-                "classes": repr(task.signature()), "root": str(Path(data_cfg.root).resolve()),
-                "version": PREPROCESS_VERSION}
+                "classes": repr(task.signature()), "spacing": list(spacing) if spacing else None,
+                "root": str(Path(data_cfg.root).resolve()), "version": PREPROCESS_VERSION}
     folder = cache_dir / settings_hash(settings)
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "settings.json").is_file():
@@ -116,13 +124,33 @@ def prepare_cache(data_cfg: DataConfig, cases: list[Case] | None = None,
     stale = [case for case in labelled if not _is_current(folder, case, modalities, choice.per_case[case.case_id])]
     if stale:
         start = time.perf_counter()
-        jobs = [(case, modalities, choice.per_case[case.case_id], folder, data_cfg.cache_dtype) for case in stale]
+        jobs = [(case, modalities, choice.per_case[case.case_id], folder, data_cfg.cache_dtype, spacing)
+                for case in stale]
         _run_jobs(build_case, jobs, data_cfg.cache_workers, show_progress, "cache")
         logger.info("cache %s: built %d case(s) in %.1f s, reused %d", folder, len(stale),
                     time.perf_counter() - start, len(labelled) - len(stale))
     else:
         logger.info("cache %s: reused all %d cases", folder, len(labelled))
-    return CacheIndex(folder=folder, task=task, modalities=modalities, case_ids=[case.case_id for case in labelled])
+    return CacheIndex(folder=folder, task=task, modalities=modalities, case_ids=[case.case_id for case in labelled],
+                      spacing=spacing)
+
+
+def target_spacing(setting, cases: list[Case], tasks: dict[str, Task]) -> tuple[float, float, float] | None:
+    """``data.spacing`` resolved: ``None`` (null: no resampling), the given ``[x, y, z]`` mm, or for
+    "auto" ``datasets.spatial.plan_spacing`` of the cases' spacings (canonical axes, read from the
+    headers only). ``UserError`` for a spacing that is not 3 positive numbers."""
+    if setting is None:
+        return None
+    if setting != "auto":
+        if len(setting) != 3 or not all(math.isfinite(v) and v > 0 for v in setting):
+            raise UserError(f"data.spacing: {setting!r} must be auto, null or 3 positive numbers (mm)")
+        return tuple(float(v) for v in setting)
+    spacings = []
+    for case in cases:
+        path, _ = case.image_sources(tasks[case.case_id].modalities[:1], tasks[case.case_id])[0]
+        affine = load_nifti(path, channels=case.layout == "msd").affine
+        spacings.append(canonical_values(check_voxel_spacing(affine, path), canonical_orientation(affine)))
+    return plan_spacing(spacings)
 
 
 def _task_label_file(spec: str) -> str:
@@ -144,8 +172,10 @@ def source_fingerprint(case: Case, modalities, task: Task) -> list[list]:
     return fingerprint
 
 
-def build_case(case: Case, modalities, task: Task, folder: Path, cache_dtype: str) -> str:
-    """Read, preprocess and store one case (labels of ``task``) in ``folder``; returns its id.
+def build_case(case: Case, modalities, task: Task, folder: Path, cache_dtype: str,
+               spacing: tuple[float, float, float] | None = None) -> str:
+    """Read, preprocess (resampled to ``spacing``) and store one case (labels of ``task``) in
+    ``folder``; returns its id.
 
     Label values outside the task are a ``CaseError`` naming the label file.
     """
@@ -158,7 +188,7 @@ def build_case(case: Case, modalities, task: Task, folder: Path, cache_dtype: st
     if unexpected:
         raise CaseError(f"{case.seg}: label values {values} of case {case.case_id} are not labels of task "
                         f"{task.name} ({task.describe_labels()}); see data.task")
-    images, classes, geometry = preprocess_case(images, seg, geometry, task)
+    images, classes, geometry = preprocess_case(images, seg, geometry, task, spacing)
     counts = np.bincount(classes.ravel(), minlength=task.num_classes)
     rng = np.random.default_rng(zlib.crc32(case.case_id.encode()))
     locations = {str(c): _sample_locations(classes, c, rng) for c in task.foreground_classes}
@@ -213,29 +243,45 @@ def _labelled_cases(cases: list[Case], root) -> list[Case]:
 # ----------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------
-def _run_jobs(func, jobs: list[tuple], workers: int, show_progress: bool, desc: str) -> list:
+def _run_jobs(func, jobs: list[tuple], workers: int, show_progress: bool, desc: str, stream=None) -> list:
     """``[func(*job) for job in jobs]``, in ``workers`` processes when more than one; the
-    first error is raised after the other jobs are cancelled."""
-    bar = tqdm(total=len(jobs), desc=desc, unit="case", disable=not show_progress)
+    first error is raised after the other jobs are cancelled.
+
+    With ``show_progress``, progress goes to ``stream`` (default stderr): a bar on a terminal;
+    otherwise (a log file) plain lines without carriage returns: ``desc: N case(s) to do`` and
+    ``desc [i/N]`` about every 10 %; in both cases ``desc: N case(s) done in S s`` at the end.
+    """
+    if not jobs:
+        return []
+    stream = stream or sys.stderr
+    start = time.perf_counter()
+    bar = Progress(len(jobs), desc, enabled=show_progress, stream=stream)
+    plain = show_progress and bar.bar is None
+    if plain:
+        stream.write(f"{desc}: {len(jobs)} case(s) to do\n")
+        stream.flush()
     results = [None] * len(jobs)
     try:
         if workers <= 1 or len(jobs) <= 1:
             for i, job in enumerate(jobs):
                 results[i] = func(*job)
                 bar.update()
-            return results
-        with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
-            futures = {pool.submit(func, *job): i for i, job in enumerate(jobs)}
-            try:
-                for future in as_completed(futures):
-                    results[futures[future]] = future.result()
-                    bar.update()
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
-        return results
+        else:
+            with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
+                futures = {pool.submit(func, *job): i for i, job in enumerate(jobs)}
+                try:
+                    for future in as_completed(futures):
+                        results[futures[future]] = future.result()
+                        bar.update()
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
     finally:
         bar.close()
+    if show_progress:
+        stream.write(f"{desc}: {len(jobs)} case(s) done in {time.perf_counter() - start:.1f} s\n")
+        stream.flush()
+    return results
 
 
 def _save_atomic(path: Path, write) -> None:

@@ -7,7 +7,8 @@ construction::
     cases = discover_cases("data/brats")                  # any BraTS naming, or the MSD layout
     images, seg, geom = read_case(cases[0], task)         # task: engine.task.Task
     # images: (C, X, Y, Z) float32, header scaling applied; seg: (X, Y, Z) uint8 file labels or None
-    write_segmentation(labels, geom, "out/BraTS2021_00000.nii.gz")  # uint8, input's affine+header
+    full = to_original(labels_on_the_cropped_canonical_grid, geom)  # after preprocessing (geom records it)
+    write_segmentation(full, geom, "out/BraTS2021_00000.nii.gz")  # uint8, input's affine+header
 
 Two layouts are found:
 
@@ -30,6 +31,7 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 
+from datasets.spatial import Orientation, canonical_affine, canonical_values, from_canonical, resampled_shape
 from engine.errors import UserError
 from engine.task import Task, builtin_tasks, canonical_modality
 
@@ -90,10 +92,12 @@ class Case:
 class Geometry:
     """Everything needed to write a prediction back where it came from.
 
-    ``affine``/``header`` come from the first modality file; ``shape`` is its 3D shape;
-    ``crop_box`` is ``((x0, x1), (y0, y1), (z0, z1))`` of the brain crop (full volume until
-    preprocessing sets it); ``label_dtype`` is the on-disk dtype of the seg file (if any);
-    ``task`` is the name of the case's task once known.
+    ``affine``/``header`` come from the first image file; ``shape`` is its 3D shape (the original
+    grid). Preprocessing (``datasets.preprocess``) records the rest: ``orientation`` (original ->
+    canonical axes, ``datasets.spatial``; ``None`` = already canonical), ``crop_box`` ``((x0, x1),
+    (y0, y1), (z0, z1))`` of the foreground in the canonical grid, and, when the crop was resampled,
+    ``target_spacing`` and ``resampled_shape`` (the model's grid). ``label_dtype`` is the on-disk
+    dtype of the label file (if any); ``task`` the name of the case's task once known.
     """
 
     affine: np.ndarray
@@ -103,17 +107,48 @@ class Geometry:
     crop_box: tuple[tuple[int, int], ...] | None = None
     task: str | None = None
     source: str = ""
+    orientation: Orientation | None = None
+    target_spacing: tuple[float, float, float] | None = None
+    resampled_shape: tuple[int, int, int] | None = None
 
     @property
     def spacing(self) -> tuple[float, float, float]:
-        """Voxel size in mm along the array axes (from the affine's column norms)."""
+        """Voxel size in mm along the original array axes (from the affine's column norms)."""
         return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
 
     @property
+    def canonical_shape(self) -> tuple[int, int, int]:
+        return canonical_values(self.shape, self.orientation)
+
+    @property
+    def canonical_spacing(self) -> tuple[float, float, float]:
+        return canonical_values(self.spacing, self.orientation)
+
+    @property
     def cropped_shape(self) -> tuple[int, int, int]:
+        """The foreground crop in the canonical grid (the whole canonical grid before cropping)."""
         if self.crop_box is None:
-            return self.shape
+            return self.canonical_shape
         return tuple(int(b - a) for a, b in self.crop_box)
+
+    @property
+    def model_shape(self) -> tuple[int, int, int]:
+        """The crop on the grid the network sees (resampled or not)."""
+        return self.resampled_shape or self.cropped_shape
+
+    @property
+    def model_spacing(self) -> tuple[float, float, float]:
+        return self.target_spacing or self.canonical_spacing
+
+    @property
+    def model_affine(self) -> np.ndarray:
+        """Voxel-to-world matrix (orientation and spacing, no translation) of the model grid."""
+        return canonical_affine(self.model_spacing)
+
+    @property
+    def model_full_shape(self) -> tuple[int, ...]:
+        """The whole (uncropped) canonical volume at the model's spacing."""
+        return resampled_shape(self.canonical_shape, self.canonical_spacing, self.target_spacing)
 
     def to_json(self) -> dict:
         """JSON-safe record (without the binary header) for the preprocessing cache."""
@@ -121,15 +156,21 @@ class Geometry:
             "affine": self.affine.tolist(), "shape": list(self.shape), "label_dtype": self.label_dtype,
             "crop_box": [list(b) for b in self.crop_box] if self.crop_box else None,
             "task": self.task, "source": self.source,
+            "orientation": [[axis, flip] for axis, flip in self.orientation] if self.orientation else None,
+            "target_spacing": list(self.target_spacing) if self.target_spacing else None,
+            "resampled_shape": list(self.resampled_shape) if self.resampled_shape else None,
         }
 
     @classmethod
     def from_json(cls, record: dict) -> "Geometry":
-        box = record.get("crop_box")
+        box, orientation = record.get("crop_box"), record.get("orientation")
         return cls(affine=np.asarray(record["affine"], dtype=np.float64), header=None,
                    shape=tuple(record["shape"]), label_dtype=record.get("label_dtype", "uint8"),
                    crop_box=tuple(tuple(b) for b in box) if box else None,
-                   task=record.get("task"), source=record.get("source", ""))
+                   task=record.get("task"), source=record.get("source", ""),
+                   orientation=tuple((int(a), bool(f)) for a, f in orientation) if orientation else None,
+                   target_spacing=tuple(record["target_spacing"]) if record.get("target_spacing") else None,
+                   resampled_shape=tuple(record["resampled_shape"]) if record.get("resampled_shape") else None)
 
 
 def label_suffixes(extra: Sequence[str] = ()) -> tuple[str, ...]:
@@ -277,6 +318,7 @@ def read_case(case: Case, task: Task, modalities: Sequence[str] | None = None, w
     sources = case.image_sources(task.modalities if modalities is None else modalities, task)
     ref_path = sources[0][0]
     ref = load_nifti(ref_path, channels=case.layout == "msd")
+    check_voxel_spacing(ref.affine, ref_path)
     shape = tuple(int(s) for s in ref.shape[:3])
     images = np.empty((len(sources),) + shape, dtype=np.float32)
     volumes: dict[Path, np.ndarray] = {}
@@ -299,6 +341,15 @@ def read_case(case: Case, task: Task, modalities: Sequence[str] | None = None, w
     return images, seg, geometry
 
 
+def check_voxel_spacing(affine: np.ndarray, path: Path) -> tuple[float, float, float]:
+    """The voxel spacing of ``affine``; ``CaseError`` naming the file when it is 0 or not a number."""
+    spacing = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    if not np.isfinite(affine).all() or not (spacing > 1e-6).all():
+        raise CaseError(f"{path}: voxel spacing {tuple(round(float(v), 6) for v in spacing)} from the header "
+                        "is zero or not a number (broken pixdim / sform / qform)")
+    return tuple(float(v) for v in spacing)
+
+
 def _read_channels(img: nib.Nifti1Image, path: Path, task: Task) -> np.ndarray:
     """A 4D ``(X, Y, Z, C)`` image whose C must be the task's modality count."""
     count = img.shape[3] if len(img.shape) == 4 else 1
@@ -319,39 +370,44 @@ def _check_same_grid(img, ref, path: Path, ref_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------
-def uncrop(array: np.ndarray, geometry: Geometry, fill: float = 0) -> np.ndarray:
-    """Paste ``array (..., x, y, z)`` of the cropped shape back into ``(..., *geometry.shape)``.
-
-    An array already of the full shape is returned unchanged.
-    """
+def to_original(array: np.ndarray, geometry: Geometry, fill: float = 0) -> np.ndarray:
+    """``array (..., x, y, z)`` on the canonical crop (at the original spacing) -> ``(..., *geometry.shape)``
+    on the original grid: pasted into the canonical volume (``fill`` outside the crop), then
+    brought back to the original axis order (the exact inverse of the reorientation)."""
     spatial = tuple(array.shape[-3:])
-    if spatial == geometry.shape:
-        return array
-    if geometry.crop_box is None or spatial != geometry.cropped_shape:
-        raise ValueError(f"array shape {spatial} matches neither the original shape {geometry.shape} "
-                         f"nor the crop {geometry.cropped_shape}")
-    full = np.full(array.shape[:-3] + geometry.shape, fill, dtype=array.dtype)
-    (x0, x1), (y0, y1), (z0, z1) = geometry.crop_box
-    full[..., x0:x1, y0:y1, z0:z1] = array
-    return full
+    if spatial != geometry.cropped_shape:
+        raise ValueError(f"array shape {spatial} is not the canonical crop {geometry.cropped_shape}")
+    full = array
+    if geometry.crop_box is not None and spatial != geometry.canonical_shape:
+        full = np.full(array.shape[:-3] + geometry.canonical_shape, fill, dtype=array.dtype)
+        (x0, x1), (y0, y1), (z0, z1) = geometry.crop_box
+        full[..., x0:x1, y0:y1, z0:z1] = array
+    return np.ascontiguousarray(from_canonical(full, geometry.orientation))
 
 
 def write_segmentation(labels: np.ndarray, geometry: Geometry, path: str | Path) -> Path:
-    """Write file labels ``(X, Y, Z)`` (full or cropped shape) as uint8 NIfTI with the input's
-    affine and header (sform/qform codes kept, no scaling), atomically."""
-    full = uncrop(np.asarray(labels).astype(np.uint8), geometry)
-    return _write_nifti(full, geometry, path, np.uint8, slope=1.0)
+    """Write file labels ``(X, Y, Z)`` on the original grid as uint8 NIfTI with the input's affine
+    and header (sform/qform codes kept, no scaling), atomically."""
+    labels = _on_original_grid(np.asarray(labels), geometry)
+    return _write_nifti(labels.astype(np.uint8), geometry, path, np.uint8, slope=1.0)
 
 
 def write_probabilities(probs: np.ndarray, geometry: Geometry, path: str | Path) -> Path:
-    """Write probabilities ``(C, X, Y, Z)`` in [0, 1] as a 4D NIfTI ``(X, Y, Z, C)``.
+    """Write probabilities ``(C, X, Y, Z)`` in [0, 1] on the original grid as a 4D NIfTI ``(X, Y, Z, C)``.
 
     NIfTI-1 has no float16, so values are stored as uint8 with ``scl_slope = 1/255``: every
     reader (nibabel's ``get_fdata``, ITK-SNAP, Slicer) returns floats within 0.002 of the input.
     """
-    full = uncrop(np.asarray(probs, dtype=np.float32), geometry)
+    full = _on_original_grid(np.asarray(probs, dtype=np.float32), geometry)
     quantized = np.clip(np.rint(full * 255.0), 0, 255).astype(np.uint8)
     return _write_nifti(np.moveaxis(quantized, 0, -1), geometry, path, np.uint8, slope=1.0 / 255.0)
+
+
+def _on_original_grid(array: np.ndarray, geometry: Geometry) -> np.ndarray:
+    if tuple(array.shape[-3:]) != tuple(geometry.shape):
+        raise ValueError(f"array shape {tuple(array.shape[-3:])} is not the original grid {geometry.shape} "
+                         "(use to_original first)")
+    return array
 
 
 def _write_nifti(data: np.ndarray, geometry: Geometry, path: str | Path, dtype, slope: float) -> Path:

@@ -30,6 +30,10 @@ determined by ``(seed, index, shape, task)`` alone; the glioma tasks share the s
 Synthetic lesions are written as the task's labels by the label NAMES of the task YAML
 (``LABEL_LESIONS``: NCR/NETC/NET = necrosis, ED/SNFH = edema, ET, RC = cavity, CC = cyst,
 GTV = meningioma mass); a task with another label name is a ``ValueError``.
+
+Native-space data (``grid`` / ``--native``): the 1 mm case is resampled to another voxel
+spacing and stored in another orientation (``GRIDS``: RAS, oblique), as scanners and the BraTS
+2025 native-space releases write them; ``--native mixed`` cycles through ``NATIVE_MIX``.
 """
 from __future__ import annotations
 
@@ -52,6 +56,9 @@ from engine.task import Task, builtin_tasks, load_task
 from datasets.io import atomic_save
 
 DEFAULT_TASK = "brats-gli-2021"
+GRIDS = ("lps", "ras", "oblique")  # orientations of native-space cases (lps: the BraTS files' own)
+NATIVE_MIX = (((1.0, 1.0, 1.0), "lps"), ((1.0, 1.0, 3.0), "ras"), ((0.8, 0.8, 2.0), "oblique"))
+OBLIQUE_DEGREES = 12.0  # rotation of the oblique grid about the z axis
 IMAGE_DTYPES = ("int16", "float32")
 SEG_DTYPES = ("uint8", "int16")
 CHANNELS = ("t1", "t1ce", "t2", "flair")  # canonical modality of each synthesized channel
@@ -597,13 +604,14 @@ def case_arrays(index: int, seed: int = 0, task: str | Path | Task = DEFAULT_TAS
 
 def generate_case(out_dir: str | Path, index: int, seed: int = 0, task: str | Path | Task = DEFAULT_TASK,
                   shape: tuple[int, int, int] = (240, 240, 155), dtype: str = "int16",
-                  seg_dtype: str = "uint8") -> Path:
+                  seg_dtype: str = "uint8", grid: tuple | None = None) -> Path:
     """Write case number ``index`` of ``task`` (a name, a task YAML path or a ``Task``) under
     ``out_dir`` and return its folder ``out_dir/<case id>/`` (brats layout) or its 4D image
     ``out_dir/imagesTr/<case id>.nii.gz`` (msd layout, label in ``labelsTr/``; ``generate_dataset``
     writes ``dataset.json``).
 
     The content depends only on ``(seed, index, shape, task)``; ``dtype`` is the image dtype on disk.
+    ``grid = (spacing, orientation)`` writes it on a native grid (``native_grid``).
     """
     task = resolve_task(task)
     _check_choice("dtype", dtype, IMAGE_DTYPES)
@@ -612,6 +620,8 @@ def generate_case(out_dir: str | Path, index: int, seed: int = 0, task: str | Pa
     shape = _check_shape(shape)
     images, labels = case_arrays(index, seed, task, shape)
     affine = brats_affine(shape)
+    if grid is not None:
+        images, labels, affine = native_grid(images, labels, *grid)
     images = np.rint(images).astype(np.int16) if dtype == "int16" else images
     labels = labels.astype(seg_dtype)
     if task.layout == "msd":
@@ -626,6 +636,35 @@ def generate_case(out_dir: str | Path, index: int, seed: int = 0, task: str | Pa
         atomic_save(_nifti(image, affine), path)
     atomic_save(_nifti(labels, affine), label_path)
     return folder
+
+
+def native_grid(images: np.ndarray, labels: np.ndarray, spacing, orientation: str
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """1 mm L-P-S arrays ``(C, X, Y, Z)`` / ``(X, Y, Z)`` -> the same head on a grid of ``spacing`` mm
+    stored in ``orientation`` (``GRIDS``): images resampled linearly, labels by one-hot + argmax;
+    ``ras`` reverses the first two axes, ``oblique`` rotates the grid by ``OBLIQUE_DEGREES``.
+    Returns ``(images, labels, affine)``."""
+    from datasets.spatial import resample, resample_classes  # the pipeline's own interpolation
+
+    _check_choice("orientation", orientation, GRIDS)
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ValueError(f"spacing must be 3 positive numbers, got {spacing}")
+    shape = tuple(max(MIN_SHAPE, int(round(n / s))) for n, s in zip(labels.shape, spacing))
+    images = np.maximum(resample(images, shape, "linear"), 0.0) * (resample(
+        (images != 0).any(0, keepdims=True).astype(np.float32), shape, "linear")[0] > 0.5)
+    labels = resample_classes(labels, shape, int(labels.max()) + 1)
+    linear = np.diag([-spacing[0], -spacing[1], spacing[2]])
+    if orientation == "ras":
+        images, labels = images[:, ::-1, ::-1], labels[::-1, ::-1]
+        linear = np.diag(spacing)
+    elif orientation == "oblique":
+        a = np.radians(OBLIQUE_DEGREES)
+        linear = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]]) @ linear
+    affine = np.eye(4)
+    affine[:3, :3] = linear
+    affine[:3, 3] = -linear @ (np.asarray(shape) - 1) / 2  # the volume centred on the origin
+    return np.ascontiguousarray(images, dtype=np.float32), np.ascontiguousarray(labels), affine
 
 
 def _nifti(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
@@ -676,17 +715,20 @@ def write_dataset_json(root: str | Path, task: str | Path | Task = "msd-brain") 
 
 def generate_dataset(out_dir: str | Path, cases: int, seed: int = 0, task: str | Path | Task = DEFAULT_TASK,
                      shape: tuple[int, int, int] = (240, 240, 155), dtype: str = "int16",
-                     seg_dtype: str = "uint8", workers: int = 1) -> list[Path]:
+                     seg_dtype: str = "uint8", workers: int = 1, native: str | None = None) -> list[Path]:
     """Write cases ``0 .. cases-1`` of ``task`` under ``out_dir`` (``workers`` processes); return
     what ``generate_case`` returned for each (case folders, or the 4D images of the msd layout,
-    which also gets ``dataset.json``)."""
+    which also gets ``dataset.json``). ``native="mixed"``: case ``i`` on grid ``NATIVE_MIX[i % 3]``."""
     task = resolve_task(task)
     if cases < 1:
         raise ValueError(f"cases must be >= 1, got {cases}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     _plan(task)  # a task that cannot be synthesized fails here, not in a worker
-    args = [(out_dir, i, seed, task, tuple(shape), dtype, seg_dtype) for i in range(cases)]
+    if native not in (None, "mixed"):
+        raise ValueError(f"native must be None or 'mixed', got {native!r}")
+    args = [(out_dir, i, seed, task, tuple(shape), dtype, seg_dtype, NATIVE_MIX[i % 3] if native else None)
+            for i in range(cases)]
     if workers == 1 or cases == 1:
         paths = [generate_case(*a) for a in args]
     else:
@@ -723,11 +765,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", type=int, nargs=3, default=[240, 240, 155], metavar=("X", "Y", "Z"))
     parser.add_argument("--dtype", choices=IMAGE_DTYPES, default="int16", help="image dtype on disk")
     parser.add_argument("--workers", type=int, default=1, help="processes")
+    parser.add_argument("--native", choices=["mixed"], default=None,
+                        help="native-space grids: cycle 1x1x1 mm LPS, 1x1x3 mm RAS, 0.8x0.8x2 mm oblique")
     args = parser.parse_args(argv)
     task = _cli_task(args.task)
     try:
         paths = generate_dataset(args.out_dir, args.cases, args.seed, task, tuple(args.shape), args.dtype,
-                                 workers=args.workers)
+                                 workers=args.workers, native=args.native)
     except ValueError as err:  # bad --cases/--shape/--workers, a task it cannot synthesize: one line, exit 2
         raise UserError(f"datasets.synthetic: {err}") from None
     print(f"wrote {len(paths)} cases of {task.name} to {args.out_dir}")

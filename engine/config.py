@@ -39,7 +39,8 @@ class DataConfig:
     cache_dir: str = "cache"  # preprocessed .npy cache; a sub-folder per hash of the preprocessing settings
     cache_dtype: Literal["float16", "float32"] = "float32"  # dtype of cached images
     cache_workers: int = 2  # processes used to build the cache
-    patch_size: list[int] = field(default_factory=lambda: [128, 128, 128])  # training patch (X, Y, Z) in voxels
+    spacing: Literal["auto"] | list[float] | None = "auto"  # target voxel spacing (mm, canonical axes); auto = median of the training cases (thick-slice axis: 10th percentile); null = no resampling
+    patch_size: list[int] = field(default_factory=lambda: [128, 128, 128])  # training patch (X, Y, Z) in voxels of the target spacing
     batch_size: int = 2  # patches per step per process (per GPU under torchrun)
     num_workers: int = 4  # DataLoader worker processes (0 = load in the main process)
     foreground_fraction: float = 0.33  # fraction of patches forced to contain tumour
@@ -79,7 +80,7 @@ class AugmentConfig:
 @dataclass
 class UNet3DConfig:
     features: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 320, 320])  # channels per encoder stage
-    strides: list[int] = field(default_factory=lambda: [1, 2, 2, 2, 2, 2])  # downsampling stride entering each stage (first = 1); patch sizes must be multiples of their product
+    strides: list[int | list[int]] = field(default_factory=lambda: [1, 2, 2, 2, 2, 2])  # downsampling stride entering each stage (first = 1), or [x, y, z] per axis (thick slices); patch sizes must be multiples of their product per axis
     blocks_per_stage: list[int] = field(default_factory=lambda: [1, 1, 1, 1, 1, 1])  # blocks (two 3x3x3 convs each) per encoder stage
     decoder_blocks: int = 1  # blocks (two 3x3x3 convs each) per decoder stage
     residual: bool = False  # residual encoder blocks (nnU-Net ResEnc)
@@ -313,8 +314,18 @@ def _check_value(key: str, typ: Any, value: Any) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list of {item_type.__name__}, got {value!r}")
         return [_check_value(f"{key}[{i}]", item_type, v) for i, v in enumerate(value)]
-    if origin in (typing.Union, types.UnionType):
-        raise TypeError(f"{key}: union types are not supported in the config")
+    if origin in (typing.Union, types.UnionType):  # e.g. Literal["auto"] | list[float] | None
+        members = typing.get_args(typ)
+        if value is None:
+            if type(None) in members:
+                return None
+        else:
+            for member in (m for m in members if m is not type(None)):
+                try:
+                    return _check_value(key, member, value)
+                except ConfigError:
+                    continue
+        raise ConfigError(f"{key}: expected {' or '.join(_describe(m) for m in members)}, got {value!r}")
     if typ is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true/false, got {value!r}")
@@ -339,3 +350,17 @@ def _check_value(key: str, typ: Any, value: Any) -> Any:
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
     raise TypeError(f"{key}: unsupported config type {typ!r}")
+
+
+def _describe(typ: Any) -> str:
+    """A type in words, for error messages: ``list[float]`` -> "a list of float"."""
+    origin = typing.get_origin(typ)
+    if typ is type(None):
+        return "null"
+    if origin is Literal:
+        return " or ".join(repr(c) for c in typing.get_args(typ))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(typ)[0])}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(m) for m in typing.get_args(typ))
+    return getattr(typ, "__name__", str(typ))

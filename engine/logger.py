@@ -3,7 +3,7 @@
     log = RunLogger("runs/demo")                  # main process only
     log.scalars({"train/loss": 0.7, "train/lr": 1e-2}, step=120)
     log.validation({"epoch": 3, "dice": {...}}, step=750)   # one JSON line + TensorBoard
-    log.image("val/panel", validation_panel(...), step=750)
+    log.image("val/panel", engine.render.as_chw(picture), step=750)   # (3, H, W) in [0, 1]
     bar = Progress(total=250, desc="epoch 3")     # tqdm on a terminal, plain lines otherwise
     bar.update(loss=0.71, patches_per_s=9.5); bar.close()
 """
@@ -14,7 +14,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import Any, TextIO
 
 import numpy as np
 import torch
@@ -100,7 +100,7 @@ class Progress:
         elif self.count % self.every == 0 or self.count == self.total:
             stats_text = " ".join(f"{k} {v}" for k, v in text.items())
             width = len(str(self.total))
-            self.stream.write(f"{self.desc} [{self.count:>{width}}/{self.total}] {stats_text}\n")
+            self.stream.write(f"{self.desc} [{self.count:>{width}}/{self.total}] {stats_text}".rstrip() + "\n")
             self.stream.flush()
 
     def close(self) -> None:
@@ -133,48 +133,3 @@ class Stopwatch:
         now = time.perf_counter()
         seconds, self.last = now - self.last, now
         return seconds
-
-
-# ----------------------------------------------------------------------------------------------
-# Validation image panel
-# ----------------------------------------------------------------------------------------------
-def validation_panel(images: np.ndarray, reference: np.ndarray, prediction: np.ndarray,
-                     channels: Sequence[int], colours: Sequence[Sequence[int]], alpha: float = 0.5) -> np.ndarray:
-    """Axial slice with the most reference tumour: a grid, RGB ``(3, rows*Y, 2*X)`` in ``[0, 1]``.
-
-    Rows: ``images[c]`` for each of ``channels`` (e.g. FLAIR, T1ce; one row for a one-channel
-    task); columns: ground truth overlay, prediction overlay. ``images (C, X, Y, Z)``,
-    ``reference``/``prediction`` classes ``(X, Y, Z)``, drawn in ``colours[class]`` (RGB 0..255,
-    the task's). Slices are shown with the first array axis horizontal.
-    """
-    images, reference, prediction = (np.asarray(a) for a in (images, reference, prediction))
-    if images.ndim != 4 or reference.shape != images.shape[1:] or prediction.shape != reference.shape:
-        raise ValueError(f"expected images (C, X, Y, Z) and classes (X, Y, Z), got {images.shape}, "
-                         f"{reference.shape}, {prediction.shape}")
-    tumour_per_slice = (reference > 0).sum(axis=(0, 1))
-    z = int(tumour_per_slice.argmax()) if tumour_per_slice.any() else reference.shape[2] // 2
-    palette = np.asarray(colours, dtype=np.float32) / 255.0
-    rows = []
-    for channel in dict.fromkeys(channels):
-        gray = _normalize(images[channel, :, :, z])
-        rows.append(np.concatenate([_overlay(gray, reference[:, :, z], palette, alpha),
-                                    _overlay(gray, prediction[:, :, z], palette, alpha)], axis=2))
-    return np.concatenate(rows, axis=1)
-
-
-def _normalize(slice_2d: np.ndarray) -> np.ndarray:
-    """Intensities -> ``[0, 1]`` between the 0.5 and 99.5 percentiles of the nonzero voxels."""
-    values = slice_2d[slice_2d != 0]
-    if values.size == 0:
-        return np.zeros_like(slice_2d, dtype=np.float32)
-    lo, hi = np.percentile(values, [0.5, 99.5])
-    return np.clip((slice_2d - lo) / max(hi - lo, 1e-6), 0, 1).astype(np.float32)
-
-
-def _overlay(gray: np.ndarray, classes: np.ndarray, palette: np.ndarray, alpha: float) -> np.ndarray:
-    """Gray ``(X, Y)`` + classes ``(X, Y)`` -> RGB ``(3, Y, X)`` (image rows = second axis)."""
-    rgb = np.repeat(gray[None], 3, axis=0)
-    color = palette[np.clip(classes.astype(np.intp), 0, len(palette) - 1)].transpose(2, 0, 1)
-    mask = classes > 0
-    rgb[:, mask] = (1 - alpha) * rgb[:, mask] + alpha * color[:, mask]
-    return rgb.transpose(0, 2, 1)

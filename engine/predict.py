@@ -41,12 +41,14 @@ def resolve_device(name: str) -> torch.device:
 @dataclass
 class ModelSpec:
     """What a checkpoint says about its model: the resolved config, the task it was trained on,
-    the output mode and the input channels (canonical modality names, in order)."""
+    the output mode, the input channels (canonical modality names, in order) and the voxel spacing
+    it was trained at (mm, canonical axes; ``None``: cases were not resampled)."""
 
     cfg: Config
     task: Task
     mode: str
     modalities: tuple[str, ...]
+    spacing: tuple[float, float, float] | None = None
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelSpec]:
@@ -69,7 +71,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn
     except (RuntimeError, KeyError, TypeError) as err:
         first = " ".join(str(err).split())[:200]
         raise UserError(f"{path}: weights do not fit the model built from its config ({first})") from None
-    return model.to(device).eval(), ModelSpec(cfg, task, mode, modalities)
+    spacing = tuple(float(s) for s in state["spacing"]) if state.get("spacing") else None
+    return model.to(device).eval(), ModelSpec(cfg, task, mode, modalities, spacing)
 
 
 def load_models(checkpoint_paths: Sequence[str | Path], device: torch.device | str = "cpu"
@@ -98,7 +101,7 @@ def load_models(checkpoint_paths: Sequence[str | Path], device: torch.device | s
 
 def _ensemble_key(spec: ModelSpec) -> dict:
     return {"modalities": list(spec.modalities), "output mode": spec.mode,
-            "task classes and regions": (spec.task.name, spec.task.signature()),
+            "task classes and regions": (spec.task.name, spec.task.signature()), "voxel spacing": spec.spacing,
             "patch size (window)": list(spec.cfg.data.patch_size)}
 
 

@@ -13,7 +13,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
-def conv3d(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1) -> nn.Conv3d:
+Stride = int | tuple[int, int, int]  # one stride for all axes, or one per axis
+
+
+def conv3d(in_channels: int, out_channels: int, kernel_size: int = 3, stride: Stride = 1) -> nn.Conv3d:
     """A bias-free ``kernel_size``^3 convolution with 'same' padding (before the stride)."""
     return nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=False)
 
@@ -25,14 +28,14 @@ def norm3d(channels: int) -> nn.InstanceNorm3d:
 class ConvNormAct(nn.Sequential):
     """Conv3d(3x3x3, stride) -> InstanceNorm -> LeakyReLU(0.01)."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+    def __init__(self, in_channels: int, out_channels: int, stride: Stride = 1):
         super().__init__(conv3d(in_channels, out_channels, 3, stride), norm3d(out_channels), nn.LeakyReLU(0.01, inplace=True))
 
 
 class PlainBlock(nn.Sequential):
     """Two ConvNormAct; the first carries the stride (nnU-Net's 'two convs per stage')."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+    def __init__(self, in_channels: int, out_channels: int, stride: Stride = 1):
         super().__init__(ConvNormAct(in_channels, out_channels, stride), ConvNormAct(out_channels, out_channels))
 
 
@@ -42,12 +45,12 @@ class ResidualBlock(nn.Module):
     The skip is a 1x1x1 conv (with the stride) + norm when channels or resolution change, else identity.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+    def __init__(self, in_channels: int, out_channels: int, stride: Stride = 1):
         super().__init__()
         self.conv1 = ConvNormAct(in_channels, out_channels, stride)
         self.conv2 = conv3d(out_channels, out_channels)
         self.norm2 = norm3d(out_channels)
-        if in_channels != out_channels or stride != 1:
+        if in_channels != out_channels or stride not in (1, (1, 1, 1)):
             self.skip = nn.Sequential(conv3d(in_channels, out_channels, 1, stride), norm3d(out_channels))
         else:
             self.skip = nn.Identity()
@@ -63,7 +66,7 @@ class UpBlock(nn.Module):
     ``forward(x (B, in, X, Y, Z), skip (B, skip_ch, sX, sY, sZ))`` with ``s = scale`` -> ``body``'s output.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, scale: int, body: nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, scale: Stride, body: nn.Module):
         super().__init__()
         self.up = nn.ConvTranspose3d(in_channels, out_channels, scale, stride=scale, bias=False)
         self.body = body

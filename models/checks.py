@@ -24,6 +24,22 @@ def positive_int_list(name: str, value: Any, length: int | None = None) -> list[
     return list(value)
 
 
+def stride_list(name: str, value: Any, length: int) -> list[tuple[int, int, int]]:
+    """Per-stage strides, each an int (all axes) or ``[x, y, z]``, as ``(x, y, z)`` tuples of ints >= 1
+    (``length`` entries), else ``ValueError`` naming ``name``."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != length:
+        raise ValueError(f"{name} must have {length} entries (one per stage), got {value!r}")
+    out = []
+    for i, item in enumerate(value):
+        if isinstance(item, Sequence) and not isinstance(item, (str, bytes)):
+            if len(item) != 3:
+                raise ValueError(f"{name}[{i}] must be an integer or [x, y, z], got {list(item)!r}")
+            out.append(tuple(positive_int(f"{name}[{i}]", s) for s in item))
+        else:
+            out.append((positive_int(f"{name}[{i}]", item),) * 3)
+    return out
+
+
 def as_spatial_shape(value: Any) -> tuple[int, int, int]:
     """``(X, Y, Z)`` as three ints >= 1, else ``ValueError`` naming ``spatial_shape``."""
     try:

@@ -1,7 +1,8 @@
 """3D U-Net (nnU-Net style) built from per-stage lists, with optional residual encoder and deep supervision.
 
 Encoder stage ``i`` has ``blocks_per_stage[i]`` blocks of two 3x3x3 convs and ``features[i]`` channels;
-its first conv has stride ``strides[i]`` (strided-conv downsampling; ``strides[0]`` must be 1). The
+its first conv has stride ``strides[i]`` (strided-conv downsampling; ``strides[0]`` must be 1; a stride
+is one int for all axes or ``[x, y, z]``, so a thick-slice axis can be pooled later than the others). The
 decoder is derived from the encoder (it reads ``encoder.features`` / ``encoder.strides``): for each
 stage ``i`` from deep to shallow, a transposed conv (kernel = stride = ``strides[i + 1]``) to
 ``features[i]``, concatenation with encoder stage ``i``, then ``decoder_blocks`` plain blocks.
@@ -19,13 +20,14 @@ import torch
 from torch import nn
 
 from models.blocks import OutputHeads, PlainBlock, ResidualBlock, UpBlock, checkpointed, init_weights
-from models.checks import as_spatial_shape, positive_int, positive_int_list
+from models.checks import as_spatial_shape, positive_int, positive_int_list, stride_list
 
 
 class UNetEncoder(nn.Module):
     """``forward(x (B, in, X, Y, Z))`` -> list of stage outputs, stage ``i``: ``(B, features[i], X / prod(strides[:i+1]), ...)``."""
 
-    def __init__(self, in_channels: int, features: list[int], strides: list[int], blocks_per_stage: list[int],
+    def __init__(self, in_channels: int, features: list[int], strides: list[tuple[int, int, int]],
+                 blocks_per_stage: list[int],
                  residual: bool, checkpointing: bool):
         super().__init__()
         self.features, self.strides, self.checkpointing = list(features), list(strides), checkpointing
@@ -74,7 +76,7 @@ class UNet3D(nn.Module):
         in_channels: input modalities.
         out_channels: output channels (4 labels for softmax, 3 regions for sigmoid; the loss decides).
         features: channels per encoder stage, e.g. ``[32, 64, 128, 256, 320, 320]`` (at least 2 stages).
-        strides: downsampling stride entering each stage; ``strides[0] == 1``.
+        strides: downsampling stride entering each stage, an int or ``[x, y, z]``; ``strides[0] == 1``.
         blocks_per_stage: blocks (two 3x3x3 convs each) per encoder stage.
         decoder_blocks: plain blocks per decoder stage.
         residual: residual encoder blocks (nnU-Net ResEnc); the decoder stays plain.
@@ -83,7 +85,8 @@ class UNet3D(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, features: Sequence[int] = (32, 64, 128, 256, 320, 320),
-                 strides: Sequence[int] = (1, 2, 2, 2, 2, 2), blocks_per_stage: Sequence[int] = (1, 1, 1, 1, 1, 1),
+                 strides: Sequence[int | Sequence[int]] = (1, 2, 2, 2, 2, 2),
+                 blocks_per_stage: Sequence[int] = (1, 1, 1, 1, 1, 1),
                  decoder_blocks: int = 1, residual: bool = False, deep_supervision: bool = True,
                  checkpointing: bool = False):
         super().__init__()
@@ -92,13 +95,14 @@ class UNet3D(nn.Module):
         features = positive_int_list("features", features)
         if len(features) < 2:
             raise ValueError(f"features must list at least 2 stages, got {features!r}")
-        strides = positive_int_list("strides", strides, len(features))
+        given = strides
+        strides = stride_list("strides", strides, len(features))
         blocks_per_stage = positive_int_list("blocks_per_stage", blocks_per_stage, len(features))
         positive_int("decoder_blocks", decoder_blocks)
-        if strides[0] != 1:
-            raise ValueError(f"strides[0] must be 1 so the output has the input's resolution, got strides={strides!r}")
+        if strides[0] != (1, 1, 1):
+            raise ValueError(f"strides[0] must be 1 so the output has the input's resolution, got strides={list(given)!r}")
         self.deep_supervision = bool(deep_supervision)
-        self.divisor = math.prod(strides)
+        self.divisor = tuple(math.prod(s[axis] for s in strides) for axis in range(3))  # per axis
 
         self.encoder = UNetEncoder(in_channels, features, strides, blocks_per_stage, residual, checkpointing)
         self.decoder = UNetDecoder(self.encoder, decoder_blocks, checkpointing)
@@ -108,13 +112,16 @@ class UNet3D(nn.Module):
         self.apply(init_weights)
 
     def check_input_size(self, spatial_shape: Sequence[int]) -> None:
-        """``ValueError`` unless every spatial size is a multiple of ``d = prod(strides)`` and the deepest
-        feature map (size / d) has more than one voxel (instance norm needs two)."""
+        """``ValueError`` unless every spatial size is a multiple of ``d = prod(strides)`` along its axis
+        and the deepest feature map (size / d) has more than one voxel (instance norm needs two)."""
         shape = as_spatial_shape(spatial_shape)
-        if any(s % self.divisor for s in shape) or math.prod(shape) == self.divisor**3:
+        divisor = self.divisor
+        if any(s % d for s, d in zip(shape, divisor)) or math.prod(shape) == math.prod(divisor):
+            shown = divisor[0] if len(set(divisor)) == 1 else list(divisor)
             raise ValueError(f"spatial_shape {list(shape)} is not supported by unet3d: every size must be a "
-                             f"multiple of {self.divisor} (the product of strides {self.encoder.strides}), "
-                             f"and at least one larger than {self.divisor}")
+                             f"multiple of {shown} (the product of strides "
+                             f"{[s[0] if len(set(s)) == 1 else list(s) for s in self.encoder.strides]}), "
+                             f"and at least one larger than {shown}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         self.check_input_size(x.shape[2:])

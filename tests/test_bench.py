@@ -2,10 +2,12 @@
 runs it, and its JSON must have the benchmark's fields with positive, finite timings.
 
 The scripts are run from a temporary folder with ``--work-dir`` / ``-o`` under it, without
-PYTHONPATH (no MONAI, ``--no-monai`` where the script has it), so nothing is written into the
-repository; ``bench/results/`` is checked to be left untouched. Each process spends ~2 s importing
-torch, so the selected runs are started up front, two at a time (``runs`` fixture); each test
-waits for its own run's JSON and checks it.
+PYTHONPATH and with ``--no-monai`` where the script has it, so nothing is written into the
+repository; ``bench/results/`` is checked to be left untouched. The optional peers (MONAI, medpy)
+may be installed next to the project or not: a test whose script compares with a peer it cannot
+turn off checks the peer's fields when the script can import it and their absence otherwise.
+Each process spends ~2 s importing torch, so the selected runs are started up front, two at a
+time (``runs`` fixture); each test waits for its own run's JSON and checks it.
 """
 import json
 import math
@@ -39,13 +41,28 @@ def results_untouched():
     assert results_snapshot() == before, "a benchmark test wrote into bench/results/"
 
 
-def run_bench(script: str, args, cwd: Path, output: Path | None = None, pythonpath: Path | None = None) -> dict:
-    """Run ``bench/<script> args [-o output]`` and return its JSON (stdout carries only the JSON;
-    with ``output`` the file must hold the same). Every number in it must be finite."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the scripts find the repo themselves
+def bench_env(pythonpath: Path | None = None) -> dict:
+    """The environment the scripts run in: this one without PYTHONPATH (the scripts find the
+    repository themselves), one thread, and ``pythonpath`` when given."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["OMP_NUM_THREADS"] = "1"
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
+    return env
+
+
+def importable_by_scripts(module: str, pythonpath: Path | None = None) -> bool:
+    """Whether a benchmark script run with ``bench_env(pythonpath)`` can import ``module`` (e.g. MONAI
+    installed next to the project)."""
+    proc = subprocess.run([sys.executable, "-c", f"import {module}"], env=bench_env(pythonpath),
+                          capture_output=True, timeout=TIMEOUT_S)
+    return proc.returncode == 0
+
+
+def run_bench(script: str, args, cwd: Path, output: Path | None = None, pythonpath: Path | None = None) -> dict:
+    """Run ``bench/<script> args [-o output]`` and return its JSON (stdout carries only the JSON;
+    with ``output`` the file must hold the same). Every number in it must be finite."""
+    env = bench_env(pythonpath)
     command = [sys.executable, str(BENCH / script), *map(str, args)]
     if output is not None:
         command += ["-o", str(output)]
@@ -108,7 +125,8 @@ RUNS = {
                    "--e2e-steps", 1, "--e2e-cases", 1, "--e2e-case-shape", 32, 32, 32, *TOY],
     "loader": ["loader.py", "--scenarios", "demo", "--workers", 0, 1, "--batches", 2, "--batch-size", 2, *TOY],
     "inference": ["inference.py", "--shape", 48, 48, 32, "--window", 32, 32, 32, "--features", 4, 8, *TOY],
-    "io": ["io.py", "--shape", 48, 48, 32, "--patch", 32, 32, 32, "--patch-repeats", 2, *TOY],
+    "io": ["io.py", "--shape", 48, 48, 32, "--patch", 32, 32, 32, "--patch-repeats", 2, "--native-shape", 60, 60, 8,
+           *TOY],
     "compare_metrics": ["compare_metrics.py", "--cases", 4],  # PYTHONPATH: FAKE_MEDPY
     "augment_cpu": ["augment_cpu.py", "--size", 16, "--batch", 1, "--repeats", 1, "--threads", 1],  # stdout only
 }
@@ -189,6 +207,13 @@ def test_io(runs):
     for name in ("nifti_read_cold", "cache_patch_read_float32_cold", "cache_patch_read_float16_cold"):
         assert (name in report) == cold
     assert report["nifti_mb"] > 0
+    resampling = report["resampling"]  # 48 x 48 x 32 at 1 x 1 x 3 mm (every third slice) to 1 mm and back
+    assert resampling["from_shape"] == [4, 48, 48, 11] and resampling["to_shape"] == [4, 48, 48, 33]
+    assert_timing(resampling["forward_image"])
+    assert_timing(resampling["back_probabilities"])
+    native = report["native_path"]  # 60 x 60 x 8 at 0.5 x 0.5 x 5 mm -> 1 mm, and back to the input grid
+    assert native["shape"] == [60, 60, 8] and native["output_shape"] == [60, 60, 8]
+    assert native["peak_rss_mb_above_imports"] >= 0 and min(native["model_grid"]) > 0
     assert len(report["brain_crop_shape"]) == 3
     assert all(0 < c <= s for c, s in zip(report["brain_crop_shape"], report["case_shape"]))
     assert (folder / "work" / "data" / "48x48x32").is_dir()  # generated in --work-dir, kept
@@ -301,8 +326,13 @@ def test_metrics_cpu(runs):
 
 def test_compare_metrics(runs):
     """The comparison loop, with a fake medpy whose Dice / HD95 differ from ours by 0.25 / 0.5
-    (medpy and MONAI are not dependencies; without either the script only prints a skip note)."""
-    report = runs["compare_metrics"][0].result()
+    (medpy and MONAI are not dependencies; without either the script only prints a skip note).
+    The fake medpy comes first on the script's path, so a real medpy installed next to the project
+    does not change the result; MONAI, when the script can import it, is compared too: same Dice,
+    and an HD95 never smaller than ours (the larger of the two directed percentiles)."""
+    future, folder = runs["compare_metrics"]
+    report = future.result()
+    with_monai = importable_by_scripts("monai.metrics", folder / "peers")
     assert len(report["spacings"]) == 4
     assert set(report) == {"spacings", "noise", "blobs"}  # case 0 is noise, cases 1-3 blobs
     assert report["noise"]["cases"] == 1 and 1 <= report["blobs"]["cases"] <= 3
@@ -311,7 +341,11 @@ def test_compare_metrics(runs):
         assert entry["medpy_dice"]["max_abs_diff"] == pytest.approx(0.25)
         assert entry["medpy_hd95"]["max_abs_diff"] == pytest.approx(0.5)
         assert 0 < entry["ours_hd95"]["min"] <= entry["ours_hd95"]["mean"] <= entry["ours_hd95"]["max"]
-        assert "monai_dice" not in entry and "monai_hd95_minus_ours" not in entry
+        if with_monai:
+            assert entry["monai_dice"]["max_abs_diff"] < 1e-6
+            assert entry["monai_hd95_minus_ours"]["min"] >= -1e-6
+        else:
+            assert "monai_dice" not in entry and "monai_hd95_minus_ours" not in entry
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="bash not installed")

@@ -273,3 +273,42 @@ def test_missing_case_in_index_raises(root, tmp_path):
     index = prepare_cache(config(root, tmp_path), show_progress=False)
     with pytest.raises(UserError, match="not in the cache"):
         index.load("BraTS2021_00003")
+
+
+def test_classic_1mm_data_is_cached_byte_for_byte_as_before(tmp_path):
+    """BraTS-like 1 mm L-P-S data: no reorientation, no resampling (data.spacing auto = 1 mm): the
+    cached arrays are exactly those of the pipeline before native-space support (hashes taken
+    from that version: commit 6006072 and the task-schema commit produce the same)."""
+    import hashlib
+    generate_dataset(tmp_path / "data", 3, seed=3, task="brats-gli-2021", shape=(48, 40, 32))
+    index = prepare_cache(config(tmp_path / "data", tmp_path), show_progress=False)
+    assert index.spacing == (1.0, 1.0, 1.0)
+    expected = {"BraTS2021_00000": ("fe8df026101352af", "9c227710fa84a41e"),
+                "BraTS2021_00001": ("6b29fc410def20cf", "bb84d66beb4b9ba6"),
+                "BraTS2021_00002": ("01deafd58e60b62f", "ed3f3651093d1391")}
+    for case_id, (arrays, locations) in expected.items():
+        case = index.load(case_id, mmap=False)
+        assert case.geometry.orientation is None and case.geometry.resampled_shape is None
+        digest = hashlib.sha256(np.ascontiguousarray(case.images).tobytes()
+                                + np.ascontiguousarray(case.classes).tobytes()).hexdigest()[:16]
+        locs = hashlib.sha256(b"".join(case.class_locations[k].tobytes()
+                                       for k in sorted(case.class_locations))).hexdigest()[:16]
+        assert (digest, locs) == (arrays, locations), case_id
+
+
+def test_native_space_cases_are_resampled_to_the_planned_spacing(tmp_path):
+    generate_dataset(tmp_path / "data", 3, seed=1, task="brats-gli-2021", shape=(48, 40, 32), native="mixed")
+    index = prepare_cache(config(tmp_path / "data", tmp_path), show_progress=False)
+    # spacings (canonical axes) 1x1x1, 1x1x3, 0.8x0.8x2 -> medians 1 x 1 x 2 (ratio 2: no thick-slice rule)
+    assert index.spacing == (1.0, 1.0, 2.0)
+    for case_id in index.case_ids:
+        geometry = index.load(case_id).geometry
+        assert geometry.model_spacing == (1.0, 1.0, 2.0)
+        assert index.load(case_id).images.shape[1:] == geometry.model_shape
+    ras = index.load("BraTS2021_00001").geometry
+    assert ras.orientation == ((0, True), (1, True), (2, False)) and ras.resampled_shape is not None
+    none = prepare_cache(config(tmp_path / "data", tmp_path, spacing=None), show_progress=False)
+    assert none.spacing is None and none.folder != index.folder
+    assert none.load("BraTS2021_00001").geometry.resampled_shape is None
+    with pytest.raises(UserError, match=r"data.spacing: \[1.0, 0.0, 1.0\] must be auto, null or 3 positive numbers"):
+        prepare_cache(config(tmp_path / "data", tmp_path, spacing=[1.0, 0.0, 1.0]), show_progress=False)

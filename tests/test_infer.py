@@ -25,6 +25,7 @@ from engine.checkpoint import save_checkpoint
 from engine.config import Config, InferConfig, to_dict
 from engine.errors import UserError, run_cli
 from engine.predict import load_models, override_infer_config, predict_case
+from engine.render import dice_line, render_case
 from engine.task import builtin_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -241,37 +242,33 @@ def test_probabilities_and_png(tmp_path, threshold_net):
     np.testing.assert_array_equal(p.argmax(-1), expected_classes(images))
     assert (p[:3, ..., 0] > 0.99).all()  # outside the brain crop: certain background
 
-    from PIL import Image
-    with Image.open(out / f"{cid}.png") as png:
-        assert png.format == "PNG" and png.mode == "RGB"
-        pixels = np.asarray(png)
-    zoom = infer.PNG_MIN_SIZE // max(SHAPE)
-    slices_height = zoom * 2 * max(SHAPE[1], SHAPE[2])  # rows: prediction, reference
-    assert pixels.shape[0] == slices_height + infer.LEGEND_HEIGHT
-    assert pixels.shape[1] == zoom * (SHAPE[0] + 2 + SHAPE[0] + 2 + SHAPE[1] + 2)  # axial, coronal, sagittal
-    assert pixels[:slices_height].max() > 0
-    legend = pixels[slices_height:].reshape(-1, 3)
-    for rgb in TASK_OF["2021"].colours[1:]:  # a swatch of every label's colour (NCR, ED, ET)
-        assert (legend == rgb).all(axis=1).sum() >= 100, rgb
+    # the picture of engine/render.py: FLAIR, prediction and reference rows, the case's Dice line
+    task = TASK_OF["2021"]
+    metrics = json.loads((out / "metrics.json").read_text())["cases"][cid]
+    expected = render_case(images[3], expected_classes(images), expected_classes(images), make_affine("lps"), task,
+                           cid, subtitle=dice_line(metrics, task))
+    assert dice_line(metrics, task) == "Dice WT 1.00  TC 1.00  ET 1.00"
+    assert_png_equals(out / f"{cid}.png", expected)
     assert not list(out.glob(".*"))  # written atomically: no temporary file left
 
 
-def test_png_legend_names_the_labels_of_the_task():
-    task = TASKS["brats-ped"]
-    picture = np.zeros((40, 300, 3), np.uint8)
-    one = infer.render_png(picture, ["prediction"], task)
-    other = infer.render_png(picture, ["prediction"], TASKS["brats-gli-2024"])
-    assert one != other  # other names and colours in the legend
+def test_png_without_a_reference_has_no_dice_line(tmp_path, threshold_net):
+    ckpt = threshold_checkpoint(tmp_path / "model.pt")
+    cid = case_id("2021", 6)
+    _, images = write_case(tmp_path / "data", cid, affine_kind="anisotropic")  # no label file
+    out = tmp_path / "out"
+    assert run_main(["--checkpoint", ckpt, "-i", tmp_path / "data", "-o", out, "--png"]) == 0
+    expected = render_case(images[3], expected_classes(images), None, make_affine("anisotropic"), TASK_OF["2021"],
+                           cid)
+    assert_png_equals(out / f"{cid}.png", expected)
+    assert not (out / "metrics.json").exists()
+
+
+def assert_png_equals(path: Path, expected: np.ndarray) -> None:
     from PIL import Image
-    import io as io_module
-    pixels = np.asarray(Image.open(io_module.BytesIO(one)))
-    legend = pixels[40:].reshape(-1, 3)
-    for rgb in task.colours[1:]:  # ET, NETC, CC, ED swatches
-        assert (legend == rgb).all(axis=1).sum() >= 100, rgb
-    strip = pixels[40:].astype(int)
-    grey = (strip[..., 0] == strip[..., 1]) & (strip[..., 1] == strip[..., 2]) & (strip[..., 0] > 150)
-    assert grey.sum() > 50  # label names drawn in white (anti-aliased)
-    assert (pixels[:15, :60] > 150).any()  # the row title
+    with Image.open(path) as png:
+        assert png.format == "PNG" and png.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(png), expected)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -464,7 +461,7 @@ def test_empty_input_folder_exits_2(tmp_path, threshold_net, capsys):
 
 @pytest.mark.parametrize("content, message", [
     (None, "checkpoint not found"),
-    (b"garbage bytes", "cannot read checkpoint"),
+    (b"garbage bytes", "not a PyTorch checkpoint (a text file?)"),
     ("foreign", "not a checkpoint of this repository"),
 ])
 def test_bad_checkpoint_exits_2(tmp_path, capsys, content, message):

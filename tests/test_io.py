@@ -9,7 +9,8 @@ import pytest
 
 from engine.errors import UserError
 from engine.task import builtin_tasks
-from datasets.io import CaseError, Geometry, discover_cases, read_case, uncrop, write_probabilities, write_segmentation
+from datasets.io import (CaseError, Geometry, discover_cases, read_case, to_original, write_probabilities,
+                         write_segmentation)
 from datasets.preprocess import preprocess_case
 
 TASKS = builtin_tasks()
@@ -160,9 +161,11 @@ def test_cropped_prediction_written_in_full_geometry(tmp_path):
     write_case(tmp_path, "BraTS2021_00001", affine=AFFINES["oblique"])
     case = discover_cases(tmp_path)[0]
     images, seg, geometry = read_case(case, GLI21)
-    _, classes, geometry = preprocess_case(images, seg, geometry, GLI21)
-    assert geometry.crop_box == ((2, 12), (0, 10), (0, 8))
-    out = write_segmentation(classes, geometry, tmp_path / "pred.nii.gz")  # class 3 written as-is
+    _, classes, cropped = preprocess_case(images, seg, geometry, GLI21, target_spacing=None)
+    assert cropped.crop_box is not None and cropped.orientation is not None  # oblique: closest RAS-like axes
+    with pytest.raises(ValueError, match="use to_original first"):
+        write_segmentation(classes, cropped, tmp_path / "pred.nii.gz")
+    out = write_segmentation(to_original(classes, cropped), cropped, tmp_path / "pred.nii.gz")  # class 3 as-is
     data = np.asanyarray(nib.load(str(out)).dataobj)
     assert data.shape == SHAPE
     assert (data[:2] == 0).all()
@@ -190,11 +193,18 @@ def test_geometry_json_round_trip():
     np.testing.assert_allclose(back.spacing, (1.2, 1.2, 1.0))
 
 
-def test_uncrop_rejects_wrong_shape():
-    geometry = Geometry(affine=np.eye(4), header=None, shape=SHAPE, crop_box=((1, 11), (0, 10), (2, 8)))
-    assert uncrop(np.ones((10, 10, 6)), geometry).sum() == 600
-    with pytest.raises(ValueError, match="matches neither"):
-        uncrop(np.ones((9, 10, 6)), geometry)
+def test_to_original_pastes_and_reorients():
+    # canonical axes = original (z, x, y) reversed in y: orientation ((2, F), (0, F), (1, T))
+    geometry = Geometry(affine=np.eye(4), header=None, shape=(12, 10, 8), crop_box=((1, 7), (0, 12), (2, 8)),
+                        orientation=((2, False), (0, False), (1, True)))
+    assert geometry.canonical_shape == (8, 12, 10) and geometry.cropped_shape == (6, 12, 6)
+    crop = np.zeros((6, 12, 6), np.uint8)
+    crop[0, 3, 0] = 5  # canonical voxel (1, 3, 2)
+    full = to_original(crop, geometry)
+    assert full.shape == (12, 10, 8) and full.sum() == 5
+    assert full[3, 10 - 1 - 2, 1] == 5  # original x = canonical y, original y reversed, original z = canonical x
+    with pytest.raises(ValueError, match="is not the canonical crop"):
+        to_original(np.ones((9, 10, 6)), geometry)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,6 +276,20 @@ def test_4d_file_with_one_volume_is_accepted(tmp_path):
     write_nifti(folder / "BraTS2021_00001_flair.nii.gz", raw["flair"][..., None], AFFINES["lps"])
     images, _, _ = read_case(discover_cases(tmp_path)[0], GLI21)
     np.testing.assert_array_equal(images[3], raw["flair"])
+
+
+@pytest.mark.parametrize("bad", [0.0, np.nan])
+def test_zero_or_nan_spacing_names_the_file(tmp_path, bad):
+    folder, _ = write_case(tmp_path, "BraTS2021_00001")
+    path = folder / "BraTS2021_00001_t1.nii.gz"
+    img = nib.load(str(path))
+    header = img.header.copy()
+    header["sform_code"] = 1  # the affine comes from the sform rows: a broken z column
+    header["srow_x"][2], header["srow_y"][2], header["srow_z"][2] = 0.0, 0.0, bad
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), None, header), str(path))
+    with pytest.raises(CaseError, match="voxel spacing .* is zero or not a number") as err:
+        read_case(discover_cases(tmp_path)[0], GLI21)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 
 def test_non_integer_labels(tmp_path):

@@ -7,6 +7,7 @@ from datasets.preprocess import bounding_box, brain_mask, crop, preprocess_case,
 from engine.task import builtin_tasks
 
 TASKS = builtin_tasks()
+LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # the canonical voxel order: not reoriented
 
 
 def _images() -> np.ndarray:
@@ -75,7 +76,7 @@ def test_preprocess_case_crops_normalizes_and_converts_labels():
     images = _images()
     seg = np.zeros((8, 7, 6), dtype=np.uint8)
     seg[3, 2, 3], seg[4, 2, 3], seg[5, 4, 4] = 1, 2, 4
-    geometry = Geometry(affine=np.eye(4), header=None, shape=(8, 7, 6))
+    geometry = Geometry(affine=LPS, header=None, shape=(8, 7, 6))
     out, classes, cropped = preprocess_case(images, seg, geometry, TASKS["brats-gli-2021"])
     assert cropped.crop_box == ((2, 6), (1, 5), (3, 5)) and geometry.crop_box is None  # the input is not changed
     assert cropped.task == "brats-gli-2021" and cropped.cropped_shape == (4, 4, 2)
@@ -97,19 +98,19 @@ def test_preprocess_case_crops_normalizes_and_converts_labels():
 def test_preprocess_case_uses_the_task_labels(name, values, classes):
     seg = np.zeros((8, 7, 6), dtype=np.uint8)
     seg[2:6, 1, 3] = values
-    geometry = Geometry(affine=np.eye(4), header=None, shape=(8, 7, 6))
+    geometry = Geometry(affine=LPS, header=None, shape=(8, 7, 6))
     _, out, _ = preprocess_case(_images(), seg, geometry, TASKS[name])
     assert out[:, 0, 0].tolist() == classes
 
 
 def test_preprocess_case_without_labels():
-    geometry = Geometry(affine=np.eye(4), header=None, shape=(8, 7, 6))
+    geometry = Geometry(affine=LPS, header=None, shape=(8, 7, 6))
     out, classes, geometry = preprocess_case(_images(), None, geometry, TASKS["brats-gli-2023"])
     assert classes is None and out.shape == (2, 4, 4, 2) and geometry.task == "brats-gli-2023"
 
 
 def test_preprocess_case_rejects_labels_of_another_task():
-    geometry = Geometry(affine=np.eye(4), header=None, shape=(8, 7, 6))
+    geometry = Geometry(affine=LPS, header=None, shape=(8, 7, 6))
     seg = np.zeros((8, 7, 6), np.uint8)
     seg[3, 2, 3] = 4
     with pytest.raises(ValueError, match=r"label values \[4\] are not labels of task brats-gli-2023"):

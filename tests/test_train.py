@@ -106,6 +106,16 @@ def test_end_to_end_outputs(base):
     assert {"train/loss", "train/lr", "train/patches_per_s", "val/dice_WT", "val/dice_TC", "val/dice_ET",
             "val/dice_mean"} <= scalars
     assert "val/panel" in events.Tags()["images"]
+    panel = events.Images("val/panel")[-1]  # the picture of the first validation case (engine/render.py)
+    import numpy as np
+    from PIL import Image
+    from engine.task import builtin_tasks
+    pixels = np.asarray(Image.open(io.BytesIO(panel.encoded_image_string)).convert("RGB"))
+    size = max(tiny_config(base["tmp"])["data"]["synthetic_shape"])  # the cases are cropped smaller
+    assert panel.height >= 2 * size and panel.width >= 3 * size  # two rows, three views, not shrunk
+    legend = pixels[-40:].reshape(-1, 3)
+    for rgb in builtin_tasks()["brats-gli-2021"].colours[1:]:  # the legend: NCR, ED, ET swatches
+        assert (legend == rgb).all(axis=1).sum() >= 50, rgb
     assert "val/legend/text_summary" in events.Tags()["tensors"]  # the colour legend of the panels
     lrs = {e.step: e.value for e in events.Scalars("train/lr")}
     assert sorted(lrs) == list(range(1, EPOCHS * ITERS + 1))  # log_every = 1
@@ -260,7 +270,7 @@ def test_bad_inputs_exit_2_with_one_line(base, tmp_path):
         (args(base, run_a), "--resume"),  # a fresh run into a folder holding last.pt
         (["--resume", str(run_a / "last.pt"), f"out_dir={other}"], "already exists"),  # another run's folder
         (["--resume", str(tmp_path / "missing.pt")], "not found"),
-        (["--resume", str(corrupt)], "cannot read checkpoint"),
+        (["--resume", str(corrupt)], "not a PyTorch checkpoint (a text file?)"),
         (["--resume", str(run_a / "last.pt"), "model.unet3d.features=[8,16,32]"], "model.unet3d.features"),
         (args(base, run_a, "--resume", str(run_a / "last.pt"), "loss.name=region_dice_bce"), "loss.name"),
         (args(base, tmp_path / "o6", "data.task=brats-gli-2042"), "did you mean 'brats-gli-2024'"),
@@ -356,24 +366,31 @@ def test_progress_plain_lines_off_a_terminal():
     assert silent.getvalue() == ""
 
 
-def test_validation_panel_layout():
+def test_validation_panel_is_the_case_picture():
+    """val/panel: engine.render's picture (as infer.py --png draws it) of the chosen channel on the
+    model grid (canonical L-P-S voxel axes at the model spacing), prediction and reference rows and
+    the case's Dice line, as (3, H, W) floats in [0, 1], at least as large as the slices."""
+    from types import SimpleNamespace
+
     import numpy as np
-    from engine.logger import validation_panel
+    from datasets.io import Geometry
+    from engine.render import as_chw, dice_line, render_case
     from engine.task import builtin_tasks
-    colours = builtin_tasks()["brats-gli-2024"].colours  # ..., ET yellow (250, 220, 30), RC blue (60, 120, 255)
-    images = np.zeros((4, 6, 5, 3), np.float32)
-    images[3] = 1.0  # FLAIR channel: uniform brain
-    ref = np.zeros((6, 5, 3), np.uint8)
-    ref[1, 2, 2] = 3  # one ET voxel in slice z = 2 (the most tumour)
+    task = builtin_tasks()["brats-gli-2024"]
+    shape = (24, 20, 12)
+    rng = np.random.default_rng(0)
+    images = rng.normal(0, 1, (4,) + shape).astype(np.float16)  # the cache's dtype may be float16
+    ref = np.zeros(shape, np.uint8)
+    ref[5:12, 6:12, 3:8] = 3
     pred = np.zeros_like(ref)
-    pred[0, 0, 2] = 4  # one RC voxel
-    panel = validation_panel(images, ref, pred, channels=(3, 1), colours=colours)
-    assert panel.shape == (3, 2 * 5, 2 * 6) and panel.min() >= 0 and panel.max() <= 1
-    # top-left tile = FLAIR + ground truth, image row = second array axis, column = first
-    assert np.allclose(panel[:, 2, 1], 0.5 * np.array([250, 220, 30]) / 255)  # FLAIR normalizes to 0 (constant)
-    assert np.allclose(panel[:, 0, 6 + 0], 0.5 * np.array([60, 120, 255]) / 255)  # top-right: the RC prediction
-    assert np.allclose(panel[:, 2, 6 + 1], 0.0)  # nothing painted there
-    one_row = validation_panel(images[:1], ref, pred, channels=(0,), colours=colours)  # a one-modality task
-    assert one_row.shape == (3, 5, 2 * 6)
-    with pytest.raises(ValueError):
-        validation_panel(images, ref[:, :, :2], pred, channels=(3, 1), colours=colours)
+    pred[6:12, 6:12, 3:8] = 4
+    case = SimpleNamespace(images=images, classes=ref,
+                           geometry=Geometry(affine=np.diag([-1.0, -1.0, 2.0, 1.0]), header=None, shape=shape))
+    metrics = {r: {"dice": 0.25} for r in task.region_names}
+    panel = train.validation_panel("BraTS-GLI-00003-100", case, pred, ref, 3, task, metrics)
+    np.testing.assert_array_equal(case.geometry.model_affine, np.diag([-1.0, -1.0, 2.0, 1.0]))  # L-P-S at 1x1x2
+    expected = render_case(images[3].astype(np.float32), pred, ref, np.diag([-1.0, -1.0, 2.0, 1.0]), task,
+                           "BraTS-GLI-00003-100", subtitle=dice_line(metrics, task))
+    np.testing.assert_array_equal(panel, as_chw(expected))
+    assert panel.dtype == np.float32 and panel.min() >= 0 and panel.max() <= 1
+    assert panel.shape[0] == 3 and panel.shape[1] >= 2 * 10 * 20 and panel.shape[2] >= 3 * 10 * 20  # zoomed x10
