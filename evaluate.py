@@ -1,15 +1,18 @@
 """Evaluate predicted segmentations against reference labels, per region of the task.
 
     python evaluate.py --pred predictions/unet3d --ref data/brats [--task auto] [--convention lesionwise] [-o out.json]
+    # -> predictions/unet3d/evaluation.json + evaluation.csv (infer.py's metrics.json is left as it is)
 
 Predictions are ``PRED_DIR/<case_id>.nii.gz``; references are a dataset folder (case folders with
 label files, or the MSD layout) or a flat folder of ``<case_id>.nii.gz`` label files. The task
 (labels, evaluated regions, lesion-wise parameters) is ``--task`` or detected from the reference
 case names and label values (``datasets/detect.py``); predictions are read in each case's task
 (``--pred-task`` when they were written in another naming variant, e.g. ET = 4 for 2023 data).
-Writes a JSON report (default ``PRED_DIR/metrics.json``) and a CSV with one row per case and
-region next to it, and prints the summary table. ``--subset`` scores a prediction folder that
-covers only part of the references and lists the references it skipped.
+Writes a JSON report (default ``PRED_DIR/evaluation.json``, so the ``metrics.json`` that
+``infer.py`` wrote there is not replaced) and a CSV with one row per case and region next to it
+(``evaluation.csv``), and prints the summary table; the report's folder must be writable (checked
+before any case is read). ``--subset`` scores a prediction folder that covers only part of the
+references and lists the references it skipped.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from tqdm import tqdm
 
 from datasets.detect import choose_from_facts, file_label_values
 from datasets.io import discover_cases
+from engine.atomic import check_writable
 from engine.errors import UserError, run_cli
 from engine.task import CaseFacts, load_task
 from metrics import aggregate, evaluate_files, format_table, write_report
@@ -41,7 +45,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="task whose label values the predictions use (default: each reference case's)")
     parser.add_argument("--convention", choices=CONVENTIONS, default="legacy",
                         help="empty-mask/lesion rules (default: %(default)s); lesion parameters come from the task")
-    parser.add_argument("-o", "--output", help="JSON report path (default: PRED_DIR/metrics.json); the CSV goes next to it")
+    parser.add_argument("-o", "--output",
+                        help="JSON report path (default: PRED_DIR/evaluation.json, not infer.py's metrics.json); "
+                             "the CSV goes next to it")
     parser.add_argument("--no-hd95", action="store_true", help="skip HD95 and NSD (much faster)")
     parser.add_argument("--subset", action="store_true",
                         help="score only the references that have a prediction (the others are listed)")
@@ -52,12 +58,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     pred_dir, ref_dir = Path(args.pred), Path(args.ref)
-    json_path = Path(args.output) if args.output else pred_dir / "metrics.json"
+    json_path = Path(args.output) if args.output else pred_dir / "evaluation.json"
     csv_path = json_path.with_suffix(".csv")
     if ref_dir.is_dir() and json_path.resolve().is_relative_to(ref_dir.resolve()):
         raise UserError(f"{json_path}: refusing to write the report inside the reference folder {ref_dir}")
     if args.workers < 1:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
+    if not pred_dir.is_dir():
+        raise UserError(f"{pred_dir}: prediction folder not found")
+    if json_path.is_dir():
+        raise UserError(f"{json_path}: -o is a folder; give the path of the JSON report "
+                        f"(e.g. {json_path / 'evaluation.json'})")
+    check_writable(json_path.parent, "-o")  # before any case is read
 
     pairs, extra, skipped = pair_cases(pred_dir, ref_dir, subset=args.subset)
     if extra:

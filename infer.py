@@ -15,27 +15,38 @@ then ``OUTPUT/<case_id>.nii.gz``: uint8 labels pasted back into the original sha
 input's affine and header, in the label values of the case's task (``infer.output_task``).
 
 Cases are pipelined: while one is predicted, the next is read and preprocessed and the previous
-one written and scored, in two background threads. Existing outputs are kept (and still
-evaluated) unless ``--overwrite``. When a case has a label file, per-case metrics of every region
-of its task go to ``OUTPUT/metrics.json`` and ``OUTPUT/metrics.csv`` (the format of
-``evaluate.py``) and the summary table is printed; a label file with values outside the task
-fails the case. ``--save-probabilities`` also writes ``OUTPUT/<case_id>_probs.nii.gz`` (4D,
-channel last); ``--png`` ``OUTPUT/<case_id>.png``, a picture of three orthogonal slices through
-the tumour (radiological convention) with the prediction (and reference) overlaid, the case's
-Dice line when it has a reference and a legend of the task's labels (``engine/render.py``). Only ``infer.*`` and
-``metrics.*`` keys can be overridden. A failing case among many is reported and skipped (exit
-code 1 at the end); bad input (checkpoint, empty folder, a single bad case) exits 2 with one line.
+one written and scored, in two background threads. ``--cases`` predicts only some cases of INPUT
+(``runs/demo/split.json:val``, a text file of ids, or ``id1,id2``). ``OUTPUT/predictions.json``
+records what produced the masks (checkpoint paths and SHA-256, task, the ``infer.*`` settings that
+change masks, output task, time, case ids). Masks of an earlier run with the same checkpoint(s)
+and settings are kept (an interrupted run continues; they are still evaluated, and reported as
+kept); masks of another configuration, or of unknown origin, are refused (exit 2) unless
+``--overwrite``. When a case has a label file, per-case metrics of every region of its task go to
+``OUTPUT/metrics.json`` (with ``"kept"``: the cases scored from kept masks) and
+``OUTPUT/metrics.csv`` (the format of ``evaluate.py``) and the summary table is printed; a label
+file with values outside the task fails the case. ``--save-probabilities`` also writes
+``OUTPUT/<case_id>_probs.nii.gz`` (4D, channel last); ``--png`` ``OUTPUT/<case_id>.png``, a
+picture of three orthogonal slices through the tumour (radiological convention) with the
+prediction (and reference) overlaid, the case's Dice line when it has a reference and a legend of
+the task's labels (``engine/render.py``). Only ``infer.*`` and ``metrics.*`` keys can be
+overridden. A failing case among many is reported and skipped (exit code 1 at the end); bad input
+(checkpoint, empty folder, an unknown ``--cases`` id, an unwritable OUTPUT, checked before any
+work, a single bad case or a failed write of its outputs) exits 2 with one line.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
 import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +57,7 @@ from datasets.detect import case_facts, choose_from_facts, label_values, read_la
 from datasets.io import Case, CaseError, Geometry, discover_cases, read_case, to_original, write_probabilities, \
     write_segmentation
 from datasets.preprocess import preprocess_case, restore_probabilities
+from engine.atomic import atomic_write_text, check_writable
 from engine.config import Config
 from engine.errors import UserError, run_cli
 from engine.postprocess import postprocess
@@ -55,6 +67,8 @@ from engine.task import Task, TaskError, display_channels, load_task
 from metrics import aggregate, case_metrics, evaluate_files, format_table, write_report
 
 PENDING_WRITES = 2  # predicted cases waiting for the writer thread before the prediction loop waits
+PREDICTIONS_FILE = "predictions.json"  # OUTPUT/predictions.json: what produced the masks of OUTPUT
+NOT_MASK_SETTINGS = ("device", "sw_batch_size", "precision")  # infer.* keys that do not change the masks
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -62,8 +76,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", action="append", required=True, metavar="CKPT",
                         help="checkpoint (.pt); repeat for an ensemble (probabilities averaged)")
     parser.add_argument("-i", "--input", required=True, help="dataset folder or one case folder")
-    parser.add_argument("-o", "--output", required=True, help="output folder (outside INPUT)")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing predictions")
+    parser.add_argument("-o", "--output", required=True,
+                        help="output folder (outside INPUT, writable); OUTPUT/predictions.json records what wrote "
+                             "its masks")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="predict every case again, also into a folder of masks of other checkpoints/settings")
+    parser.add_argument("--cases", metavar="SPEC",
+                        help="predict only these cases of INPUT: FILE.json:KEY (e.g. runs/demo/split.json:val), "
+                             "a text file with one case id per line, or comma-separated ids")
     parser.add_argument("--save-probabilities", action="store_true",
                         help="also write OUTPUT/<case_id>_probs.nii.gz")
     parser.add_argument("--png", action="store_true", help="also write OUTPUT/<case_id>.png (3 slices, overlay, legend)")
@@ -83,6 +103,8 @@ class Run:
     output: Path
     args: argparse.Namespace
     per_case: dict[str, dict] = field(default_factory=dict)  # case_id -> case_metrics(...)
+    configuration: dict = field(default_factory=dict)  # what makes the masks (mask_configuration)
+    recorded: set[str] = field(default_factory=set)  # cases whose masks that configuration wrote to OUTPUT
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,27 +112,36 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     input_dir, output = Path(args.input), Path(args.output)
     check_paths(input_dir, output)
+    check_writable(output, "-o")  # before any long work
+    wanted = read_case_spec(args.cases) if args.cases is not None else None
     models, spec = load_models(args.checkpoint, "cpu")
     cfg = override_infer_config(spec.cfg, args.overrides, spec.task)
     output_task = resolve_output_task(cfg.infer.output_task, spec.task)
     device = resolve_device(cfg.infer.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # every window has the same shape: autotune once
-    models = [m.to(device) for m in models]
     cases = discover_cases(input_dir, [spec.task.label_file])
+    if wanted is not None:
+        cases = select_cases(cases, wanted, args.cases, input_dir)
     run = Run(models, cfg, spec, output_task, device, output, args)
     check_task_of_input(run, cases)
+    run.configuration = mask_configuration(run)
+    run.recorded = check_output_folder(run, cases)  # masks of other checkpoints/settings: exit 2 before any work
+    run.models = [m.to(device) for m in models]
     output.mkdir(parents=True, exist_ok=True)
+    with writing(output / PREDICTIONS_FILE):
+        write_predictions_file(run)  # before the first mask: an interrupted run can continue
     say(f"{len(cases)} case(s), {len(models)} model(s), task {spec.task.name}, {spec.mode} output, device {device}, "
         f"tta={'on' if cfg.infer.tta else 'off'}, window {list(cfg.data.patch_size)}")
 
     start = time.perf_counter()
-    todo, skipped, failures = [], 0, []
+    todo, kept, failures = [], [], []
     for case in cases:
         seg_path = output / f"{case.case_id}.nii.gz"
         if seg_path.exists() and not args.overwrite:
-            skipped += 1
-            say(f"{case.case_id}: {seg_path} exists, skipped (--overwrite to replace)")
+            kept.append(case.case_id)
+            say(f"{case.case_id}: kept {seg_path} from an earlier run of the same checkpoint(s) and settings "
+                "(--overwrite to predict it again)")
             evaluate_existing(run, case, seg_path, failures)
         else:
             todo.append((case, seg_path))
@@ -118,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     failures += predict_failures
 
     if run.per_case:
-        report_metrics(run)
-    say(f"done: {written} written, {skipped} skipped, {len(failures)} failed, "
-        f"{time.perf_counter() - start:.1f} s total -> {output}")
+        report_metrics(run, kept)
+    say(f"done: {written} predicted now, {len(kept)} kept from an earlier run of the same checkpoint(s) and "
+        f"settings, {len(failures)} failed, {time.perf_counter() - start:.1f} s total -> {output}")
     if failures:
         print(f"error: {len(failures)} of {len(cases)} cases failed:", file=sys.stderr)
         for case_id, message in failures:
@@ -143,6 +174,182 @@ def check_paths(input_dir: Path, output: Path) -> None:
     if out == inp or inp in out.parents:
         raise UserError(f"{output}: the output folder must be outside the input folder {input_dir} "
                         "(the input is never written to)")
+
+
+def read_case_spec(spec: str) -> list[str]:
+    """The case ids of ``--cases SPEC``: ``FILE.json:KEY`` (a list of a JSON object, e.g. the
+    ``split.json`` of train.py), a text file with one id per line (blank lines and ``#`` comments
+    ignored) or comma-separated ids; ``UserError`` (one line) for a missing or bad file."""
+    head, colon, key = spec.rpartition(":")
+    if colon and head.lower().endswith(".json"):
+        ids = json_case_list(Path(head), key)
+    elif spec.lower().endswith(".json"):
+        ids = json_case_list(Path(spec), None)
+    elif Path(spec).is_file():
+        ids = [line.split("#", 1)[0].strip() for line in Path(spec).read_text(errors="replace").splitlines()]
+    elif "/" in spec or spec.lower().endswith((".txt", ".csv", ".lst")):
+        raise UserError(f"--cases: {spec}: file not found")
+    else:
+        ids = [part.strip() for part in spec.split(",")]
+    ids = list(dict.fromkeys(i for i in ids if i))  # in order, once each
+    if not ids:
+        raise UserError(f"--cases {spec}: no case ids given")
+    return ids
+
+
+def json_case_list(path: Path, key: str | None) -> list[str]:
+    """The list ``key`` of the JSON object in ``path`` (or the JSON list itself when ``key`` is None)."""
+    if not path.is_file():
+        raise UserError(f"--cases: {path}: file not found")
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"--cases: {path}: invalid JSON ({err})") from None
+    if key is None and isinstance(data, dict):
+        raise UserError(f"--cases: {path}: name the list to use, e.g. {path}:{next(iter(data), 'val')} "
+                        f"(keys: {', '.join(map(str, data)) or 'none'})")
+    if key is not None:
+        if not isinstance(data, dict) or key not in data:
+            keys = ", ".join(map(str, data)) if isinstance(data, dict) else "none, it is not an object"
+            raise UserError(f'--cases: {path} has no list "{key}" (keys: {keys})')
+        data = data[key]
+    if not isinstance(data, list) or not all(isinstance(i, str) for i in data):
+        raise UserError(f"--cases: {path}{':' + key if key else ''} is not a list of case ids (strings)")
+    return data
+
+
+def select_cases(cases: list[Case], wanted: list[str], spec: str, input_dir: Path) -> list[Case]:
+    """The cases of ``wanted`` in INPUT's order; ``UserError`` naming the first id not in INPUT."""
+    found = {case.case_id for case in cases}
+    missing = [case_id for case_id in wanted if case_id not in found]
+    if missing:
+        more = f" (and {len(missing) - 1} other id(s) of --cases)" if len(missing) > 1 else ""
+        raise UserError(f"--cases {spec}: case {missing[0]} is not in {input_dir}{more}; it has {len(cases)} case(s), "
+                        f"e.g. {cases[0].case_id}")
+    chosen = set(wanted)
+    return [case for case in cases if case.case_id in chosen]
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, read in 1-MB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def mask_configuration(run: Run) -> dict:
+    """What decides the masks: the checkpoints (path and SHA-256), the task, every ``infer.*``
+    setting except those that only change speed or placement (``NOT_MASK_SETTINGS``) and the
+    output task. Two runs with equal hashes, task and settings write the same masks."""
+    settings = {f"infer.{key}": value for key, value in dataclasses.asdict(run.cfg.infer).items()
+                if key not in NOT_MASK_SETTINGS}
+    return {
+        "checkpoints": [{"path": str(Path(p).resolve()), "sha256": file_sha256(p)} for p in run.args.checkpoint],
+        "task": run.spec.task.name,
+        "settings": json.loads(json.dumps(settings)),  # as it reads back from the file (tuples -> lists)
+        "output_task": run.output_task.name if run.output_task else "auto (each case's own task)",
+    }
+
+
+def read_predictions_file(path: Path) -> tuple[dict | None, str]:
+    """``(record, "")`` of an ``OUTPUT/predictions.json``, ``(None, "")`` when there is none and
+    ``(None, problem)`` when it cannot be used."""
+    if not path.exists():
+        return None, ""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        return None, f"{path} is unreadable ({err})"
+    if not (isinstance(record, dict) and isinstance(record.get("checkpoints"), list)
+            and all(isinstance(c, dict) and isinstance(c.get("sha256"), str) for c in record["checkpoints"])
+            and isinstance(record.get("settings"), dict) and isinstance(record.get("cases"), list)
+            and all(isinstance(i, str) for i in record["cases"])):
+        return None, f"{path} is not a predictions record of infer.py"
+    return record, ""
+
+
+def configuration_differences(old: dict, new: dict) -> list[str]:
+    """What differs between the configuration of ``old`` (a predictions record) and ``new``, in words."""
+    def checkpoints(record: dict) -> str:
+        return " + ".join(f"{c.get('path', '?')} (sha256 {c['sha256'][:12]})" for c in record["checkpoints"])
+
+    def value(settings: dict, key: str) -> str:
+        return json.dumps(settings[key]) if key in settings else "(not recorded)"
+
+    diffs = []
+    if sorted(c["sha256"] for c in old["checkpoints"]) != sorted(c["sha256"] for c in new["checkpoints"]):
+        diffs.append(f"checkpoint(s) {checkpoints(old)} there, {checkpoints(new)} now")
+    if old.get("task") != new["task"]:
+        diffs.append(f"task {old.get('task')} there, {new['task']} now")
+    for key in sorted(set(old["settings"]) | set(new["settings"])):
+        if old["settings"].get(key, ...) != new["settings"].get(key, ...):
+            diffs.append(f"{key}={value(old['settings'], key)} there, {value(new['settings'], key)} now")
+    return diffs
+
+
+def check_output_folder(run: Run, cases: list[Case]) -> set[str]:
+    """Refuse (``UserError``, before any work) to mix masks of different checkpoints or settings in
+    OUTPUT; returns the cases already recorded in ``OUTPUT/predictions.json`` for this
+    configuration (kept masks).
+
+    Without ``--overwrite``, masks of the cases to predict must have been written by this
+    configuration: listed in a predictions.json of the same checkpoints (by SHA-256) and mask
+    settings. Masks listed in a predictions.json of another configuration are refused too, also
+    of other cases, as are masks of these cases without a (usable) predictions.json.
+    """
+    output, path = run.output, run.output / PREDICTIONS_FILE
+    old, problem = read_predictions_file(path) if output.is_dir() else (None, "")
+    diffs = configuration_differences(old, run.configuration) if old is not None else []
+    listed = set(old["cases"]) if old is not None else set()
+
+    def masks(ids) -> list[str]:
+        return sorted(i for i in ids if (output / f"{i}.nii.gz").is_file())
+
+    existing = masks(case.case_id for case in cases)
+    hint = "use --overwrite to predict them again, or another -o"
+    if run.args.overwrite:
+        others = masks(listed - {case.case_id for case in cases}) if diffs else []
+        if others:
+            say(f"note: {output} keeps {len(others)} mask(s) of other cases from another configuration "
+                f"(first: {others[0]}.nii.gz); {PREDICTIONS_FILE} will list only this configuration's")
+        return set() if old is None or diffs else set(masks(listed))
+    if old is None:
+        if existing:
+            why = problem or f"no {PREDICTIONS_FILE} says which checkpoint(s) and settings wrote them"
+            raise UserError(f"{output}: holds {len(existing)} mask(s) of these cases (first: {existing[0]}.nii.gz) "
+                            f"but {why}; {hint}")
+        return set()
+    if diffs:
+        mixed = masks(set(existing) | listed)
+        if mixed:
+            raise UserError(f"{output}: holds {len(mixed)} mask(s) (first: {mixed[0]}.nii.gz) written by another "
+                            f"configuration ({'; '.join(diffs)}; see {path}); {hint}")
+        return set()
+    unlisted = [i for i in existing if i not in listed]
+    if unlisted:
+        raise UserError(f"{output}: {len(unlisted)} mask(s) (first: {unlisted[0]}.nii.gz) are not listed in {path}, "
+                        f"so not known to come from these checkpoint(s) and settings; {hint}")
+    return set(masks(listed))
+
+
+def write_predictions_file(run: Run) -> None:
+    """``OUTPUT/predictions.json``: the configuration, the time and the cases it wrote (atomic)."""
+    record = {**run.configuration, "time": datetime.now().astimezone().isoformat(timespec="seconds"),
+              "cases": sorted(run.recorded)}
+    atomic_write_text(run.output / PREDICTIONS_FILE, json.dumps(record, indent=1) + "\n")
+
+
+@contextlib.contextmanager
+def writing(path: Path):
+    """An ``OSError`` while writing ``path`` (full disk, read-only folder) -> one-line ``UserError``
+    naming it (writes are atomic: nothing half-written is left, an earlier file is unchanged)."""
+    try:
+        yield
+    except OSError as err:
+        raise UserError(f"{path}: cannot write it ({err.strerror or err}); no partial file was left, an earlier "
+                        f"{path.name} is unchanged") from None
 
 
 def resolve_output_task(setting: str, trained: Task) -> Task | None:
@@ -292,10 +499,15 @@ def write_stage(run: Run, loaded: Loaded, classes: np.ndarray, probs: np.ndarray
     tick = time.perf_counter()
     case, geometry, cfg = loaded.case, loaded.geometry, run.cfg
     full_classes = to_original(classes, geometry)  # the input's grid: pasted, reoriented back
-    write_segmentation(loaded.out_task.classes_to_labels(full_classes), geometry, seg_path)
+    with writing(seg_path):
+        write_segmentation(loaded.out_task.classes_to_labels(full_classes), geometry, seg_path)
+    run.recorded.add(case.case_id)  # only this (writer) thread changes it while cases are predicted
+    with writing(run.output / PREDICTIONS_FILE):
+        write_predictions_file(run)
     if probs is not None:
-        write_probabilities(full_probabilities(probs, geometry, run.spec.mode), geometry,
-                            run.output / f"{case.case_id}_probs.nii.gz")
+        probs_path = run.output / f"{case.case_id}_probs.nii.gz"
+        with writing(probs_path):
+            write_probabilities(full_probabilities(probs, geometry, run.spec.mode), geometry, probs_path)
     timing = {"write": time.perf_counter() - tick}
     metrics = None
     if loaded.ref_classes is not None:
@@ -308,7 +520,8 @@ def write_stage(run: Run, loaded: Loaded, classes: np.ndarray, probs: np.ndarray
         tick = time.perf_counter()
         picture = render_case(loaded.overlay, full_classes, loaded.ref_classes, geometry.affine, loaded.task,
                               case.case_id, subtitle=None if metrics is None else dice_line(metrics, loaded.task))
-        save_png(picture, run.output / f"{case.case_id}.png")
+        with writing(run.output / f"{case.case_id}.png"):
+            save_png(picture, run.output / f"{case.case_id}.png")
         timing["write"] += time.perf_counter() - tick
     return timing
 
@@ -337,14 +550,23 @@ def evaluate_existing(run: Run, case: Case, seg_path: Path, failures: list[tuple
         say(f"{case.case_id}: FAILED: cannot evaluate the existing prediction ({err})")
 
 
-def report_metrics(run: Run) -> None:
+def report_metrics(run: Run, kept: list[str]) -> None:
+    """Write metrics.json (with ``"kept"``: the cases scored from masks kept from an earlier run)
+    and metrics.csv, print the summary table."""
     metrics_cfg = run.cfg.metrics
     per_case = dict(sorted(run.per_case.items()))
     summary = aggregate(per_case)
     json_path, csv_path = run.output / "metrics.json", run.output / "metrics.csv"
-    write_report(per_case, summary, json_path, csv_path, metrics_cfg.convention, run.spec.task)
+    kept_scored = [case_id for case_id in per_case if case_id in set(kept)]
+    with writing(json_path):
+        write_report(per_case, summary, json_path, csv_path, metrics_cfg.convention, run.spec.task)
+        report = json.loads(json_path.read_text())
+        report = {"kept": kept_scored, **report}  # which scores are not of masks predicted now
+        atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
+    of_kept = f"; {len(kept_scored)} of them of masks kept from an earlier run, not predicted now" \
+        if kept_scored else ""
     say(f"metrics of {len(per_case)} case(s) with a reference ({metrics_cfg.convention} convention, "
-        f"task {run.spec.task.name}):")
+        f"task {run.spec.task.name}{of_kept}):")
     say(format_table(summary))
     say(f"wrote {json_path} and {csv_path}")
 

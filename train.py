@@ -2,7 +2,9 @@
 
     python train.py -c configs/demo.yaml [key=value ...]        # e.g. train.epochs=5 data.root=/data/brats
     python train.py --resume runs/demo/last.pt [key=value ...]  # continue exactly (e.g. train.epochs=60 to extend)
+    python train.py -c configs/unet3d.yaml --resume auto        # resume out_dir/last.pt if it exists, else start
     torchrun --nproc_per_node=4 train.py -c configs/unet3d.yaml # one process per GPU (DDP)
+    torchrun --nnodes=2 --nproc_per_node=4 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 train.py -c ...
 
 Everything a run writes goes into ``cfg.out_dir`` (default ``runs/<config name>``): the resolved
 ``config.yaml``, ``split.json``, ``last.pt`` (every epoch), ``best.pt`` (best mean validation
@@ -32,8 +34,12 @@ import dataclasses
 import math
 import os
 import random
+import shlex
+import signal
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +53,7 @@ from datasets.spatial import plan_strides, pooling_problem
 from datasets.split import load_split, make_split, save_split
 from datasets.synthetic import generate_dataset
 from engine import distributed as dist
+from engine.atomic import check_writable
 from engine.checkpoint import load_checkpoint, save_checkpoint, stored_task, unwrap_model
 from engine.config import ConfigError, apply_overrides, from_dict, load_config, parse_override, save_config, to_dict
 from engine.errors import UserError, run_cli
@@ -71,6 +78,7 @@ class NonFiniteLoss(Exception):
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()  # train.time_limit counts from here
     args = parse_args(argv)
+    resolve_auto_resume(args)
     resume = load_checkpoint(args.resume) if args.resume else None
     cfg = build_config(args, resume)
     check_config(cfg)
@@ -86,9 +94,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"nothing to do: {args.resume} has finished {resume['epoch']} epochs (train.epochs="
                       f"{cfg.train.epochs}); raise train.epochs to continue it")
             return 0
+    check_writable(cfg.out_dir, "out_dir")  # before any long work
+    check_writable(cfg.data.cache_dir, "data.cache_dir")
     info = dist.setup(cfg.train.device)
     try:
-        return train(cfg, info, resume, started)
+        with Interrupt() as interrupt:
+            return train(cfg, info, resume, started, interrupt)
     except NonFiniteLoss as err:
         if info.is_main:
             print(f"error: {err}", file=sys.stderr)
@@ -97,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         dist.cleanup()
 
 
-def train(cfg, info: dist.DistInfo, resume: dict | None, started: float) -> int:
+def train(cfg, info: dist.DistInfo, resume: dict | None, started: float, interrupt: "Interrupt") -> int:
     device, is_main = info.device, info.is_main
     if device.type == "cpu" and cfg.train.cpu_threads > 0:
         torch.set_num_threads(cfg.train.cpu_threads)
@@ -137,13 +148,12 @@ def train(cfg, info: dist.DistInfo, resume: dict | None, started: float) -> int:
     iters = cfg.train.iters_per_epoch
     total_iters = cfg.train.epochs * iters
     schedule = LRSchedule(optimizer, cfg.train.schedule, total_iters, cfg.train.warmup_epochs * iters, cfg.train.lr)
-    amp_dtype = dist.autocast_dtype(AMP_DTYPES[cfg.train.precision], device)  # bf16 -> fp16 before Ampere
-    if device.type == "cpu" and amp_dtype is torch.float16:
-        amp_dtype = None  # CPU: fp32 unless bf16 is asked for
+    amp_dtype = dist.autocast_dtype(AMP_DTYPES[cfg.train.precision], device)  # bf16 -> fp16 before Ampere, CPU fp32
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
 
     # ---------------- where we start: fresh or resumed ----------------
     epoch, epoch_iter, iteration, best, skipped = 0, 0, 0, {"dice": -1.0, "epoch": 0}, 0
+    world_note = None
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
         apply_hyperparameters(optimizer, cfg.train)  # weight decay / momentum overridden on resume
@@ -152,7 +162,7 @@ def train(cfg, info: dist.DistInfo, resume: dict | None, started: float) -> int:
             scaler.load_state_dict(resume["scaler"])
         epoch, epoch_iter, iteration = resume["epoch"], resume["epoch_iteration"], resume["iteration"]
         best, skipped = dict(resume["best"]), resume["skipped_steps"]
-        restore_rng(resume["rng"], info, device)
+        world_note = restore_rng(resume["rng"], info, device, cfg.data.batch_size)
     # ---------------- run folder (written only now that every input has been checked) ----------------
     logger = None
     if is_main:
@@ -168,15 +178,26 @@ def train(cfg, info: dist.DistInfo, resume: dict | None, started: float) -> int:
         f"({cfg.data.batch_size} x {info.world_size} processes) | {len(split['train'])} train / "
         f"{len(split['val'])} val cases | spacing {spacing_text(cache.spacing)} | task {task.name} ({task.describe_labels()}; {mode} output over "
         f"{', '.join(task.class_names[1:] if mode == 'labels' else task.training_region_names)}) | out_dir {out_dir}")
+    if resume is not None and world_note:
+        log(f"warning: {world_note}")
+        if logger is not None:
+            logger.text("train/notes", world_note, iteration)
     if resume is not None:
+        best_text = f"{best['dice']:.4f} (epoch {best['epoch']})" if best["dice"] >= 0 else "none yet"
         log(f"resumed at epoch {epoch + 1}, iteration {iteration} (lr {schedule.lr_at(iteration):.3g}, "
-            f"best mean Dice {best['dice']:.4f})")
+            f"best mean Dice {best_text})")
 
     # ---------------- the loop ----------------
     channels = display_channels(cache.modalities)
     regions = task.region_names
-    stop = False
-    last_val = None
+    stop = interrupted = False
+    last_val, last_val_seconds = None, 0.0
+    if cfg.data.num_workers > 0:
+        log(f"starting {cfg.data.num_workers} loader worker(s) per process: the first batch takes a few seconds"
+            + workers_note(cfg.data.num_workers))
+    if cfg.train.compile:
+        log("train.compile: the first steps compile the model (about a minute), then run faster")
+    interrupt.active = True  # from here a first Ctrl-C stops cleanly after the current step
     while epoch < cfg.train.epochs and not stop:
         train_model.train()
         loader.sampler.set_epoch(epoch, start=epoch_iter * cfg.data.batch_size)  # start > 0: resumed mid-epoch
@@ -202,12 +223,13 @@ def train(cfg, info: dist.DistInfo, resume: dict | None, started: float) -> int:
             scaler.unscale_(optimizer)
             max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            # one sync per step: mean loss over ranks, grad norm, and rank 0's time-limit decision
+            # one sync per step: mean loss over ranks, grad norm, rank 0's time-limit decision, Ctrl-C anywhere
             out_of_time = is_main and cfg.train.time_limit > 0 and \
                 time.perf_counter() - started > 60 * cfg.train.time_limit
             stats = dist.all_reduce_sum(torch.stack([loss.detach().float(), grad_norm.detach().float(),
-                                                     torch.full((), float(out_of_time), device=device)]))
-            loss_sum, grad_sum, stop_votes = stats.tolist()
+                                                     torch.full((), float(out_of_time), device=device),
+                                                     torch.full((), float(interrupt.requested), device=device)]))
+            loss_sum, grad_sum, stop_votes, interrupt_votes = stats.tolist()
             loss_value, grad_value = loss_sum / info.world_size, grad_sum / info.world_size
             finite = math.isfinite(loss_value) and (scaler.is_enabled() or math.isfinite(grad_value))
             if finite:
@@ -242,9 +264,12 @@ def train(cfg, info: dist.DistInfo, resume: dict | None, started: float) -> int:
                     torch.cuda.reset_peak_memory_stats(device)  # the next value: the peak of its own window
                 logger.scalars(scalars, iteration)
                 window_loss, window_steps = 0.0, 0
-            if stop_votes > 0:
-                stop = True
+            if stop_votes > 0 or interrupt_votes > 0:
+                stop, interrupted = True, interrupt_votes > 0
                 break
+            if cfg.train.checkpoint_every and iteration % cfg.train.checkpoint_every == 0 and epoch_iter < iters:
+                save_training_state(out_dir, info, cfg, cache, mode, model, optimizer, schedule, scaler,
+                                    counters(epoch, epoch_iter, iteration, best, skipped))  # mid-epoch
         bar.close()
 
         steps_done = epoch_iter - first_iter
@@ -257,13 +282,17 @@ def train(cfg, info: dist.DistInfo, resume: dict | None, started: float) -> int:
             f" | loss {train_loss:.4f} | lr {lr:.3g} | {steps_done / seconds:.2f} it/s, "
             f"{steps_done * effective / seconds:.1f} patches/s | {seconds:.0f} s"
             + (f" | skipped {skipped} non-finite steps" if skipped else ""))
-        if stop:
+        if interrupted:
+            log(f"interrupted (Ctrl-C) after iteration {iteration}: saving last.pt there and stopping")
+        elif stop:
             log(f"train.time_limit of {cfg.train.time_limit:g} min reached after iteration {iteration}: "
                 f"validating, saving and stopping")
 
         # ---------------- validation (sharded over ranks), best.pt, last.pt ----------------
         improved = False
-        if stop or epoch % cfg.train.val_every == 0 or epoch >= cfg.train.epochs:
+        if not interrupted and (stop or epoch % cfg.train.val_every == 0 or epoch >= cfg.train.epochs):
+            log(f"validating {len(split['val'])} case(s) (whole cases, sliding window"
+                + (f"; about {last_val_seconds:.0f} s last time)" if last_val_seconds else ")"))
             val_start = time.perf_counter()
             per_case, panel = validate(model, cache, split["val"], cfg, mode, info, channels)
             if is_main:
@@ -273,37 +302,37 @@ def train(cfg, info: dist.DistInfo, resume: dict | None, started: float) -> int:
                 if improved:
                     best = {"dice": mean_dice, "epoch": epoch}
                 log_validation(logger, last_val, mean_dice, best, per_case, panel, epoch, iteration, train_loss, lr)
+                last_val_seconds = time.perf_counter() - val_start
                 log("validation Dice | " + " | ".join(f"{r} {last_val[r]['dice']:.4f}" for r in regions)
                     + f" | mean {mean_dice:.4f} | best {best['dice']:.4f} (epoch {best['epoch']}) | "
-                    f"{len(per_case)} cases, {time.perf_counter() - val_start:.0f} s")
-        rng = dist.all_gather_objects(rng_state(device))  # every rank's RNG states, for an exact resume
-        if is_main:
-            state = {
-                "config": to_dict(cfg), "task": task.to_dict(), "modalities": list(cache.modalities),
-                "spacing": list(cache.spacing) if cache.spacing else None,
-                "output_mode": mode, "model": unwrap_model(model).state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
-                "scaler": scaler.state_dict(), "epoch": epoch, "epoch_iteration": epoch_iter,
-                "iteration": iteration, "best": best, "skipped_steps": skipped, "rng": rng,
-                "world_size": info.world_size,
-            }
-            save_checkpoint(state, out_dir / "last.pt")
-            if improved:
-                save_checkpoint(state, out_dir / "best.pt")
-        dist.barrier()
+                    f"{len(per_case)} cases, {last_val_seconds:.0f} s")
+        save_training_state(out_dir, info, cfg, cache, mode, model, optimizer, schedule, scaler,
+                            counters(epoch, epoch_iter, iteration, best, skipped), best_too=improved)
+        if interrupt.requested and not interrupted:  # Ctrl-C during validation: stop after its save
+            stop = interrupted = True
+    interrupt.active = False
 
     # ---------------- the end ----------------
+    if info.distributed:
+        log(check_replicas(model, info))
     if logger is not None:
         logger.close()
     if last_val is not None:
         log("final validation Dice: " + ", ".join(f"{r} {last_val[r]['dice']:.4f}" for r in regions)
             + f" (best mean {best['dice']:.4f} at epoch {best['epoch']})")
+    resume_command = shell_command("python", "train.py", "--resume", out_dir / "last.pt")
+    if interrupted:
+        log(f"interrupted: {out_dir / 'last.pt'} holds iteration {iteration}; continue exactly with: {resume_command}")
+        return 130
     if epoch < cfg.train.epochs:
-        log(f"stopped by train.time_limit; continue with: python train.py --resume {out_dir / 'last.pt'}")
+        log(f"stopped by train.time_limit; continue with: {resume_command}")
     else:
+        infer_command = shell_command("python", "infer.py", "--checkpoint", out_dir / "best.pt", "-i", cfg.data.root,
+                                      "-o", Path("predictions") / out_dir.name, "--cases",
+                                      f"{out_dir / 'split.json'}:val")
         log(f"done in {(time.perf_counter() - started) / 60:.1f} min: {out_dir / 'best.pt'} and "
-            f"{out_dir / 'last.pt'} written. Next:\n"
-            f"  python infer.py --checkpoint {out_dir / 'best.pt'} -i {cfg.data.root} -o predictions/{out_dir.name}")
+            f"{out_dir / 'last.pt'} written. Next, the validation cases (the ones the Dice above is of):\n"
+            f"  {infer_command}")
     return 0
 
 
@@ -314,12 +343,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", help="YAML config (optional with --resume: the checkpoint's config is used)")
-    parser.add_argument("--resume", help="checkpoint to continue (e.g. runs/demo/last.pt)")
+    parser.add_argument("--resume", help="checkpoint to continue (e.g. runs/demo/last.pt), or auto: out_dir/last.pt "
+                                         "when it exists (a resubmitted or restarted job), else a fresh run")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.epochs=5")
     args = parser.parse_intermixed_args(argv)
     if args.config is None and args.resume is None:
         parser.error("give a config (-c CONFIG) or a checkpoint to resume (--resume CKPT)")
+    if args.resume == "auto" and args.config is None:
+        parser.error("--resume auto needs the config (-c CONFIG): it resumes <out_dir>/last.pt")
     return args
+
+
+def resolve_auto_resume(args: argparse.Namespace) -> None:
+    """``--resume auto``: ``<out_dir>/last.pt`` of the config when it exists, else no resume."""
+    if args.resume != "auto":
+        return
+    last = Path(load_config(args.config, args.overrides).out_dir) / "last.pt"
+    args.resume = str(last) if last.is_file() else None
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"--resume auto: {'resuming ' + str(last) if args.resume else 'no ' + str(last) + ', starting fresh'}")
 
 
 def build_config(args: argparse.Namespace, resume: dict | None):
@@ -349,6 +391,7 @@ def check_config(cfg) -> None:
         (t.log_every >= 1, "train.log_every", t.log_every, ">= 1"),
         (t.cpu_threads >= 0, "train.cpu_threads", t.cpu_threads, ">= 0 (0 = torch default)"),
         (t.time_limit >= 0, "train.time_limit", t.time_limit, ">= 0 (0 = no limit)"),
+        (t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every, ">= 0 (0 = every epoch)"),
         (len(d.patch_size) == 3 and min(d.patch_size) >= 1, "data.patch_size", d.patch_size, "3 positive sizes"),
         (d.batch_size >= 1, "data.batch_size", d.batch_size, ">= 1"),
         (d.synthetic_cases >= 0, "data.synthetic_cases", d.synthetic_cases, ">= 0"),
@@ -402,6 +445,48 @@ def _first_difference(a, b, key: str):
     return key, a, b
 
 
+class Interrupt:
+    """Ctrl-C (SIGINT) during the training loop (``active``): the first one asks the loop to stop
+    after the current step (``requested``) and save ``last.pt`` there, so ``--resume`` continues
+    exactly; a second one, or one outside the loop, stops at once (``KeyboardInterrupt``)."""
+
+    def __init__(self):
+        self.active = self.requested = False
+        self.previous = None
+
+    def __enter__(self) -> "Interrupt":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def _handle(self, signum, frame) -> None:
+        if not self.active or self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: finishing this step, then saving last.pt and stopping (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+
+
+def shell_command(*words) -> str:
+    """A command line to copy and paste: each word shell-quoted (paths with spaces stay one word)."""
+    return " ".join(shlex.quote(str(w)) for w in words)
+
+
+def workers_note(workers: int) -> str:
+    """A note when ``data.num_workers`` exceeds the CPU cores this process may use (said once, here;
+    torch's own warning about it is silenced)."""
+    warnings.filterwarnings("ignore", message="This DataLoader will create")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if workers <= cores:
+        return ""
+    return (f"; note: data.num_workers={workers} but this machine gives this process {cores} CPU core(s): "
+            f"the workers share them (lower data.num_workers, or augment on the GPU with augment.device=train)")
+
+
 def set_seeds(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -419,9 +504,12 @@ def stream_seed(seed: int, rank: int, iteration: int) -> int:
 
 
 def prepare_data(cfg, info: dist.DistInfo, log, resume: dict | None = None):
-    """Generate the synthetic dataset if asked and missing, then build the cache (rank 0 first).
+    """Generate the synthetic dataset if asked and missing (rank 0), then build the cache (the first
+    process of each node).
     A resumed run keeps the grid it was trained on (``data.spacing: auto`` is not planned again)."""
     root = Path(cfg.data.root)
+    if not root.exists() and cfg.data.synthetic_cases == 0:
+        raise UserError(f"{root}: data folder not found; set data.root=/path/to/BraTS (a folder of case folders)")
     # rank 0 decides (the others could see the folder it is creating) and tells the others
     if dist.broadcast_object(not root.exists() and cfg.data.synthetic_cases > 0):
         if info.is_main:
@@ -434,11 +522,16 @@ def prepare_data(cfg, info: dist.DistInfo, log, resume: dict | None = None):
     data_cfg = cfg.data
     if resume is not None:
         data_cfg = dataclasses.replace(cfg.data, spacing=list(resume["spacing"]) if resume.get("spacing") else None)
+    # the first process of every node builds that node's cache (a node-local data.cache_dir); on a
+    # shared cache the builders share the work case by case (per-case locks); the others wait
+    builder = info.local_rank == 0
     cache = None
-    if info.is_main:
-        cache = prepare_cache(data_cfg, show_progress=True)
+    if builder:
+        log(f"reading the cases of {root} (names, label values, spacings) and preparing the cache in "
+            f"{data_cfg.cache_dir}")
+        cache = prepare_cache(data_cfg, show_progress=info.is_main)
     dist.barrier()
-    if not info.is_main:
+    if not builder:
         cache = prepare_cache(data_cfg, show_progress=False)
     if len(cache.case_ids) < 2:
         raise UserError(f"{cfg.data.root}: {len(cache.case_ids)} labelled case(s); training needs at least 2 "
@@ -574,6 +667,41 @@ def log_validation(logger, summary, mean_dice, best, per_case, panel, epoch, ite
         logger.image("val/panel", panel, iteration)
 
 
+def counters(epoch: int, epoch_iter: int, iteration: int, best: dict, skipped: int) -> dict:
+    """Where training stands, as stored in a checkpoint."""
+    return {"epoch": epoch, "epoch_iteration": epoch_iter, "iteration": iteration, "best": best,
+            "skipped_steps": skipped}
+
+
+def save_training_state(out_dir: Path, info: dist.DistInfo, cfg, cache, mode: str, model, optimizer, schedule,
+                        scaler, progress: dict, best_too: bool = False) -> None:
+    """Every rank: gather the RNG states (for an exact resume); rank 0: write ``last.pt`` (and
+    ``best.pt``) atomically, so the previous file stays until the new one is complete."""
+    rng = dist.all_gather_objects(rng_state(info.device))
+    if info.is_main:
+        state = {
+            "config": to_dict(cfg), "task": cache.task.to_dict(), "modalities": list(cache.modalities),
+            "spacing": list(cache.spacing) if cache.spacing else None, "output_mode": mode,
+            "model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": schedule.state_dict(), "scaler": scaler.state_dict(), **progress, "rng": rng,
+            "world_size": info.world_size,
+        }
+        save_checkpoint(state, out_dir / "last.pt")
+        if best_too:
+            save_checkpoint(state, out_dir / "best.pt")
+    dist.barrier()
+
+
+def check_replicas(model, info: dist.DistInfo) -> str:
+    """DDP keeps every process's parameters identical; a checksum per rank confirms it (a line to log)."""
+    with torch.no_grad():
+        total = sum(p.double().sum().item() + p.double().abs().sum().item() for p in unwrap_model(model).parameters())
+    sums = dist.all_gather_objects(total)
+    if all(s == sums[0] for s in sums):
+        return f"parameters identical on all {info.world_size} processes (checksum {sums[0]:.10g})"
+    return f"warning: the processes' parameters differ (checksums {sums}): the replicas went out of sync"
+
+
 def rng_state(device: torch.device) -> dict:
     """This process's RNG states as tensors and plain types (``weights_only``-loadable)."""
     _, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -587,10 +715,14 @@ def rng_state(device: torch.device) -> dict:
     }
 
 
-def restore_rng(states: list[dict], info: dist.DistInfo, device: torch.device) -> None:
-    """Restore this rank's RNG states (only if the world size is unchanged; else keep the fresh seeds)."""
+def restore_rng(states: list[dict], info: dist.DistInfo, device: torch.device, batch_size: int) -> str | None:
+    """Restore this rank's RNG states. With another world size than the checkpoint's that is not
+    possible: the fresh seeds are kept and the returned note says what changes (to be logged)."""
     if len(states) != info.world_size:
-        return
+        return (f"resumed with {info.world_size} process(es) instead of {len(states)}: the run continues but is not "
+                f"the uninterrupted one: each process draws its patches from the fresh seeds of its rank (not the "
+                f"saved random states), and the effective batch is now {batch_size * info.world_size} patches per "
+                f"step instead of {batch_size * len(states)} (the learning-rate schedule is unchanged)")
     s = states[info.rank]
     torch.set_rng_state(s["torch"])
     if device.type == "cuda" and s["cuda"] is not None:
@@ -599,6 +731,7 @@ def restore_rng(states: list[dict], info: dist.DistInfo, device: torch.device) -
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     p = s["python"]
     random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
+    return None
 
 
 if __name__ == "__main__":

@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         for dtype in ("float32", "float16"):
             folder = work / f"cache_{dtype}"
             folder.mkdir(exist_ok=True)
-            timed(f"cache_build_{dtype}", lambda: build_case(case, MODALITIES, TASK, folder, dtype), warmup=0)
+            timed(f"cache_build_{dtype}", lambda: build_case(case, MODALITIES, TASK, folder, dtype, rebuild=True),
+                  warmup=0)
             npy = folder / f"{case.case_id}_image.npy"
             report[f"cache_{dtype}_mb"] = round((npy.stat().st_size + (folder / f"{case.case_id}_label.npy").stat()
                                                  .st_size) / 2**20, 2)

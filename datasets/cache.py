@@ -20,14 +20,13 @@ an interrupted build never leaves a case that looks complete.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
-import os
 import sys
 import time
-import uuid
 import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -35,6 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock (a shared cache then needs one builder)
+    fcntl = None
+
+from engine.atomic import atomic_write
 from engine.config import DataConfig
 from engine.errors import UserError
 from engine.logger import Progress
@@ -173,12 +178,35 @@ def source_fingerprint(case: Case, modalities, task: Task) -> list[list]:
 
 
 def build_case(case: Case, modalities, task: Task, folder: Path, cache_dtype: str,
-               spacing: tuple[float, float, float] | None = None) -> str:
+               spacing: tuple[float, float, float] | None = None, rebuild: bool = False) -> str:
     """Read, preprocess (resampled to ``spacing``) and store one case (labels of ``task``) in
-    ``folder``; returns its id.
+    ``folder``; returns its id. Under a per-case lock: a case that another process has built in
+    the meantime is kept (unless ``rebuild``).
 
     Label values outside the task are a ``CaseError`` naming the label file.
     """
+    with case_lock(folder, case.case_id):  # another process (another node on a shared cache) may be on it
+        if rebuild or not _is_current(folder, case, modalities, task):
+            _build_case(case, modalities, task, folder, cache_dtype, spacing)
+    return case.case_id
+
+
+@contextlib.contextmanager
+def case_lock(folder: Path, case_id: str):
+    """An exclusive lock on ``folder/.<case_id>.lock`` (POSIX ``flock``; none elsewhere): processes
+    building one shared cache at the same time build each case once."""
+    with open(folder / f".{case_id}.lock", "a") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build_case(case: Case, modalities, task: Task, folder: Path, cache_dtype: str,
+                spacing: tuple[float, float, float] | None) -> None:
     json_path = folder / f"{case.case_id}.json"
     json_path.unlink(missing_ok=True)  # the case is incomplete until the new json is written
     fingerprint = source_fingerprint(case, modalities, task)
@@ -193,9 +221,9 @@ def build_case(case: Case, modalities, task: Task, folder: Path, cache_dtype: st
     rng = np.random.default_rng(zlib.crc32(case.case_id.encode()))
     locations = {str(c): _sample_locations(classes, c, rng) for c in task.foreground_classes}
 
-    _save_atomic(folder / f"{case.case_id}_image.npy", lambda f: np.save(f, images.astype(cache_dtype)))
-    _save_atomic(folder / f"{case.case_id}_label.npy", lambda f: np.save(f, classes))
-    _save_atomic(folder / f"{case.case_id}_locs.npz", lambda f: np.savez(f, **locations))
+    atomic_write(folder / f"{case.case_id}_image.npy", lambda f: np.save(f, images.astype(cache_dtype)))
+    atomic_write(folder / f"{case.case_id}_label.npy", lambda f: np.save(f, classes))
+    atomic_write(folder / f"{case.case_id}_locs.npz", lambda f: np.savez(f, **locations))
     _write_json(json_path, {
         "case_id": case.case_id,
         "geometry": geometry.to_json(),
@@ -204,7 +232,6 @@ def build_case(case: Case, modalities, task: Task, folder: Path, cache_dtype: st
         "modalities": list(modalities),
         "fingerprint": fingerprint,
     })
-    return case.case_id
 
 
 def _sample_locations(classes: np.ndarray, cls: int, rng: np.random.Generator) -> np.ndarray:
@@ -284,16 +311,5 @@ def _run_jobs(func, jobs: list[tuple], workers: int, show_progress: bool, desc: 
     return results
 
 
-def _save_atomic(path: Path, write) -> None:
-    """``write(file)`` to a temporary file next to ``path``, then rename it to ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_json(path: Path, record: dict) -> None:
-    _save_atomic(path, lambda f: f.write(json.dumps(record, indent=1).encode()))
+    atomic_write(path, lambda f: f.write(json.dumps(record, indent=1).encode()))

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import uuid
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Sequence
@@ -25,6 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from datasets.io import Case, load_nifti, read_label
+from engine.atomic import atomic_write_text
 from engine.task import CaseFacts, Task, TaskChoice, builtin_tasks, choose_tasks, load_task
 
 logger = logging.getLogger(__name__)
@@ -112,13 +111,7 @@ def file_label_values(files: dict[str, Path], cache_dir: str | Path | None = Non
             values[key] = file_values
             memo[str(Path(path).resolve())] = {"stamp": _stamp(path), "values": file_values}
         if memo_path is not None:
-            memo_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = memo_path.with_name(f".{memo_path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-            try:
-                tmp.write_text(json.dumps(memo))
-                os.replace(tmp, memo_path)
-            finally:
-                tmp.unlink(missing_ok=True)
+            atomic_write_text(memo_path, json.dumps(memo))
     return values
 
 

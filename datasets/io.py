@@ -22,7 +22,6 @@ Every problem with a file is a ``CaseError`` (a ``UserError``): one line naming 
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ import nibabel as nib
 import numpy as np
 
 from datasets.spatial import Orientation, canonical_affine, canonical_values, from_canonical, resampled_shape
+from engine.atomic import atomic_path
 from engine.errors import UserError
 from engine.task import Task, builtin_tasks, canonical_modality
 
@@ -434,17 +434,10 @@ def _write_nifti(data: np.ndarray, geometry: Geometry, path: str | Path, dtype, 
 
 def atomic_save(img, path: Path) -> Path:
     """``nib.save`` to a temporary name in the same folder, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
-    try:
+    with atomic_path(path) as tmp:
         img.set_data_dtype(img.header.get_data_dtype())
         nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return Path(path)
 
 
 def _one_line(err: Exception) -> str:

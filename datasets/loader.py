@@ -25,6 +25,7 @@ are augmented, and returned, as float32.
 from __future__ import annotations
 
 import random
+import signal
 from collections import OrderedDict
 from contextlib import contextmanager
 
@@ -191,8 +192,10 @@ def one_torch_thread():
 
 
 def init_worker(worker_id: int) -> None:
-    """DataLoader worker setup: one torch thread (the workers are the parallelism) and the
-    global numpy/random generators seeded from the worker's seed (base seed + worker id)."""
+    """DataLoader worker setup: one torch thread (the workers are the parallelism), the global
+    numpy/random generators seeded from the worker's seed (base seed + worker id), and Ctrl-C
+    ignored (the training process decides how to stop, and the workers must outlive that step)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)

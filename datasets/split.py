@@ -11,13 +11,13 @@ are one patient each.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
+from engine.atomic import atomic_write_text
 from engine.config import DataConfig
 from engine.errors import UserError
 
@@ -134,9 +134,4 @@ def load_split(path: str | Path, case_ids: list[str]) -> dict[str, list[str]]:
 
 def save_split(split: dict[str, list[str]], path: str | Path) -> Path:
     """Write the split as JSON, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"train": list(split["train"]), "val": list(split["val"])}, indent=1))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps({"train": list(split["train"]), "val": list(split["val"])}, indent=1))

@@ -41,7 +41,6 @@ import argparse
 import difflib
 import functools
 import json
-import os
 import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from engine.atomic import atomic_write_text
 from engine.errors import UserError, run_cli
 from engine.task import Task, builtin_tasks, load_task
 from datasets.io import atomic_save
@@ -705,12 +705,7 @@ def write_dataset_json(root: str | Path, task: str | Path | Task = "msd-brain") 
         "numTraining": len(training), "numTest": len(test),
         "training": training, "test": test,
     }
-    path = root / "dataset.json"
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(content, indent=4) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(root / "dataset.json", json.dumps(content, indent=4) + "\n")
 
 
 def generate_dataset(out_dir: str | Path, cases: int, seed: int = 0, task: str | Path | Task = DEFAULT_TASK,

@@ -15,7 +15,6 @@ config's old keys are migrated (``engine.config.migrate_keys``).
 """
 from __future__ import annotations
 
-import os
 import pickle
 import re
 import warnings
@@ -25,6 +24,7 @@ from typing import Any
 
 import torch
 
+from engine.atomic import atomic_path
 from engine.config import migrate_keys
 from engine.errors import UserError
 from engine.task import Task, TaskError, legacy_task
@@ -34,16 +34,9 @@ FORMAT = "brats-seg/1"
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """``torch.save`` to ``path.tmp`` then rename: an interrupted write never leaves a corrupt file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         torch.save({"format": FORMAT, **state}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return Path(path)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

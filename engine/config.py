@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
+from engine.atomic import atomic_write_text
 from engine.errors import UserError
 
 
@@ -137,6 +138,7 @@ class TrainConfig:
     val_hd95: bool = False  # also compute HD95 during validation (slower)
     skip_nonfinite: bool = False  # skip steps with a non-finite loss instead of stopping
     time_limit: float = 0.0  # minutes; stop cleanly after this (0 = no limit)
+    checkpoint_every: int = 0  # iterations between saves of last.pt (bounds the work a preemption loses); 0 = at the end of every epoch
     log_every: int = 10  # iterations between TensorBoard scalar writes
     cpu_threads: int = 0  # intra-op threads when training on the CPU (0 = torch default, one per core)
 
@@ -260,10 +262,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:

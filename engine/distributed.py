@@ -23,7 +23,7 @@ import torch.distributed as dist
 from engine.errors import UserError
 
 log = logging.getLogger(__name__)
-# Generous: rank 0 alone builds the data cache and writes checkpoints while the others wait.
+# Generous: the first process of each node builds the data cache, rank 0 writes checkpoints, the others wait.
 TIMEOUT = datetime.timedelta(minutes=120)
 
 
@@ -70,13 +70,39 @@ def resolve_device(name: str, local_rank: int = 0, key: str = "train.device") ->
 
 
 def autocast_dtype(dtype: torch.dtype | None, device: torch.device) -> torch.dtype | None:
-    """The autocast ``dtype`` to use on ``device``: bf16 becomes fp16 on GPUs older than Ampere
-    (compute capability < 8.0), where cuDNN has no bf16 convolutions; a warning says so once."""
+    """The autocast ``dtype`` to use on ``device`` (a warning says so once when it changes):
+
+    - CUDA: bf16 becomes fp16 on GPUs older than Ampere (compute capability < 8.0), where cuDNN has
+      no bf16 convolutions;
+    - CPU: fp16 runs fp32 (no fp16 CPU kernels worth having); bf16 runs fp32 on a CPU without
+      native bf16 instructions (emulated bf16 is many times slower than fp32).
+    """
     if dtype is torch.bfloat16 and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
         _warn_once(f"{torch.cuda.get_device_name(device)} has no bf16 convolutions (needs compute capability "
                    ">= 8.0): using fp16 autocast instead (with loss scaling when training)")
         return torch.float16
+    if device.type == "cpu" and dtype is torch.float16:
+        return None
+    if device.type == "cpu" and dtype is torch.bfloat16 and not cpu_has_native_bf16():
+        _warn_once("bf16 was asked for, but this CPU has no native bf16 instructions (avx512_bf16 / amx_bf16): "
+                   "running fp32, which is faster here")
+        return None
     return dtype
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 natively: the avx512_bf16 or amx_bf16 flags on Linux, else
+    what oneDNN reports."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = {word for line in info if line.startswith("flags") for word in line.split()}
+        return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
 
 
 @functools.lru_cache(maxsize=None)
@@ -98,6 +124,11 @@ def setup(device_name: str = "auto") -> DistInfo:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
+        if backend == "gloo":
+            # gloo connects its peers when first used: with the eager full mesh (the default in torch
+            # 2.13) a group restarted by torchrun --max-restarts times out connecting to the dead
+            # workers' old addresses
+            os.environ.setdefault("TORCH_GLOO_LAZY_INIT", "1")
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend=backend, timeout=TIMEOUT, **kwargs)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)

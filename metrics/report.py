@@ -15,10 +15,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
+
+from engine.atomic import atomic_write_text
 
 from engine.task import Task
 from metrics.case import rules_text
@@ -91,8 +92,8 @@ def write_report(per_case: dict[str, dict], summary: dict[str, dict], json_path:
         "mean": means(summary),
         "summary": summary,
     }
-    _atomic_write(Path(json_path), json.dumps(report, indent=2, default=_json_default) + "\n")
-    _atomic_write(Path(csv_path), _csv_text(per_case, list(task.region_names)))
+    atomic_write_text(Path(json_path), json.dumps(report, indent=2, default=_json_default) + "\n")
+    atomic_write_text(Path(csv_path), _csv_text(per_case, list(task.region_names)))
 
 
 def _metric_keys(rows: list[dict]) -> list[str]:
@@ -141,14 +142,3 @@ def _json_default(value):
     if isinstance(value, np.floating):
         return float(value)
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

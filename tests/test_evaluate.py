@@ -1,6 +1,7 @@
 """evaluate.py end to end on tiny NIfTI files: both reference layouts, tasks (detected and given),
 both metric conventions, --subset, and every user error as one line with exit code 2."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,7 +70,7 @@ def test_flat_references(flat, capsys):
     assert evaluate.main(["--pred", str(pred_dir), "--ref", str(ref_dir)]) == 0
     out = capsys.readouterr().out
     assert "WT" in out and "Dice" in out and "2 cases, task brats-gli-2023" in out
-    report = json.loads((pred_dir / "metrics.json").read_text())
+    report = json.loads((pred_dir / "evaluation.json").read_text())
     assert report["convention"] == "legacy" and "373.13" in report["rules"] and report["task"] == "brats-gli-2023"
     assert report["cases"][A]["ET"]["dice"] == 1.0 and report["cases"][A]["WT"]["hd95"] == 0.0
     expected = case_metrics(classes_volume(shift=1), classes_volume(), (1.0, 1.0, 2.0), GLI23)
@@ -80,7 +81,7 @@ def test_flat_references(flat, capsys):
     wt_shifted, wt = classes_volume(shift=1) > 0, classes_volume() > 0
     assert report["cases"][B]["WT"]["hd95"] == pytest.approx(hd95(wt_shifted, wt, (1, 1, 2)))
     assert report["mean"]["WT"]["dice"] == pytest.approx((1.0 + expected["WT"]["dice"]) / 2)
-    csv_lines = (pred_dir / "metrics.csv").read_text().splitlines()
+    csv_lines = (pred_dir / "evaluation.csv").read_text().splitlines()
     assert csv_lines[0].startswith("case_id,region,dice") and len(csv_lines) == 1 + 6
 
 
@@ -119,7 +120,7 @@ def test_parallel_workers_give_the_same_report(flat, tmp_path):
 def test_no_hd95_flag(flat):
     pred_dir, ref_dir = flat
     assert evaluate.main(["--pred", str(pred_dir), "--ref", str(ref_dir), "--no-hd95"]) == 0
-    report = json.loads((pred_dir / "metrics.json").read_text())
+    report = json.loads((pred_dir / "evaluation.json").read_text())
     assert "hd95" not in report["cases"][B]["WT"] and "nsd_1.0" not in report["cases"][B]["WT"]
 
 
@@ -170,6 +171,70 @@ def test_refuses_to_write_inside_the_reference_folder(flat, capsys):
     assert not (ref_dir / "sub").exists()
 
 
+def test_default_report_does_not_replace_the_metrics_of_infer(flat, capsys):
+    """infer.py writes PRED_DIR/metrics.json; evaluate.py's default report is evaluation.json."""
+    pred_dir, ref_dir = flat
+    (pred_dir / "metrics.json").write_text('{"written by": "infer.py"}')
+    (pred_dir / "metrics.csv").write_text("case_id,region\n")
+    assert evaluate.main(["--pred", str(pred_dir), "--ref", str(ref_dir)]) == 0
+    assert f"wrote {pred_dir / 'evaluation.json'} and {pred_dir / 'evaluation.csv'}" in capsys.readouterr().out
+    assert (pred_dir / "metrics.json").read_text() == '{"written by": "infer.py"}'
+    assert (pred_dir / "metrics.csv").read_text() == "case_id,region\n"
+    assert list(json.loads((pred_dir / "evaluation.json").read_text())["cases"]) == [A, B]
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--help"])
+    assert "PRED_DIR/evaluation.json" in capsys.readouterr().out
+
+
+@pytest.fixture
+def unwritable(tmp_path):
+    """``(folder, reason)``: a folder where no file can be created. A read-only folder (chmod 0o500)
+    or, where that does not stop writes (root), a folder below a file of the same name as a parent."""
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        (folder / "probe").write_bytes(b"")
+    except PermissionError:
+        yield folder, "Permission denied"
+        folder.chmod(0o700)
+        return
+    (folder / "probe").unlink()
+    folder.chmod(0o700)
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    yield tmp_path / "blocker" / "out", "a file of that name is in the way"
+
+
+def test_unwritable_report_folder_exits_2_before_reading_cases(tmp_path, flat, unwritable, capsys):
+    pred_dir, _ = flat
+    folder, reason = unwritable
+    # the references do not exist: the report's folder is checked before any case is read
+    argv = ["--pred", str(pred_dir), "--ref", str(tmp_path / "no-refs"), "-o", str(folder / "report.json")]
+    line = run_error(argv, capsys)
+    assert f"{folder}: cannot write there ({reason}); set -o to a writable folder" in line
+
+
+def test_read_only_prediction_folder_needs_o(tmp_path, flat, capsys):
+    pred_dir, ref_dir = flat
+    pred_dir.chmod(0o500)
+    try:
+        if os.access(pred_dir, os.W_OK):
+            pytest.skip("chmod does not stop writes here (root)")
+        line = run_error(["--pred", str(pred_dir), "--ref", str(ref_dir)], capsys)
+        assert f"{pred_dir}: cannot write there (Permission denied); set -o to a writable folder" in line
+        assert evaluate.main(["--pred", str(pred_dir), "--ref", str(ref_dir), "-o", str(tmp_path / "r.json")]) == 0
+    finally:
+        pred_dir.chmod(0o700)
+
+
+def test_output_folder_instead_of_a_report_path(tmp_path, flat, capsys):
+    pred_dir, ref_dir = flat
+    (tmp_path / "reports").mkdir()
+    line = run_error(["--pred", str(pred_dir), "--ref", str(ref_dir), "-o", str(tmp_path / "reports")], capsys)
+    assert "-o is a folder" in line and str(tmp_path / "reports" / "evaluation.json") in line
+    assert list((tmp_path / "reports").iterdir()) == []
+
+
 def test_command_line_subprocess(flat):
     # one real process (importing torch is the slow part): the error path, exit code 2, one line
     pred_dir, ref_dir = flat
@@ -178,7 +243,7 @@ def test_command_line_subprocess(flat):
                          cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and bad.stderr.startswith("error: ")
-    assert f"{A}.nii.gz" in bad.stderr and not (pred_dir / "metrics.json").exists()
+    assert f"{A}.nii.gz" in bad.stderr and not (pred_dir / "evaluation.json").exists()
 
 
 def test_subset_scores_only_the_predicted_cases(flat, capsys):
@@ -187,7 +252,7 @@ def test_subset_scores_only_the_predicted_cases(flat, capsys):
     assert evaluate.main(["--pred", str(pred_dir), "--ref", str(ref_dir), "--subset"]) == 0
     captured = capsys.readouterr()
     assert f"1 reference case(s) without a prediction are not scored: {B}" in captured.err
-    assert list(json.loads((pred_dir / "metrics.json").read_text())["cases"]) == [A]
+    assert list(json.loads((pred_dir / "evaluation.json").read_text())["cases"]) == [A]
 
 
 def test_unnamed_references_need_the_task(tmp_path, capsys):
@@ -198,7 +263,7 @@ def test_unnamed_references_need_the_task(tmp_path, capsys):
     assert "cannot tell the task" in line and "brats-gli-2023" in line and "data.task" in line
     argv = ["--pred", str(pred_dir), "--ref", str(ref_dir), "--task", "brats-men", "--convention", "lesionwise"]
     assert evaluate.main(argv) == 0
-    report = json.loads((pred_dir / "metrics.json").read_text())
+    report = json.loads((pred_dir / "evaluation.json").read_text())
     assert report["task"] == "brats-men" and "WT: 1 dilation(s), lesions <= 50 mm^3 not scored" in report["rules"]
 
 
@@ -213,8 +278,8 @@ def test_every_region_of_the_task_is_reported(tmp_path, name, prefix):
     save(task.classes_to_labels(classes), ref_dir / f"{prefix}.nii.gz")
     save(task.classes_to_labels(classes), pred_dir / f"{prefix}.nii.gz")
     assert evaluate.main(["--pred", str(pred_dir), "--ref", str(ref_dir), "--convention", "lesionwise"]) == 0
-    report = json.loads((pred_dir / "metrics.json").read_text())
+    report = json.loads((pred_dir / "evaluation.json").read_text())
     assert report["task"] == name and list(report["cases"][prefix]) == list(task.region_names)
     assert all(report["cases"][prefix][r]["dice"] == 1.0 for r in task.region_names)
-    csv_regions = [line.split(",")[1] for line in (pred_dir / "metrics.csv").read_text().splitlines()[1:]]
+    csv_regions = [line.split(",")[1] for line in (pred_dir / "evaluation.csv").read_text().splitlines()[1:]]
     assert csv_regions == list(task.region_names)

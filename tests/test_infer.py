@@ -5,11 +5,15 @@ of the z-scored first modality there, so the expected mask of any input is known
 checks the orientation, the crop and paste-back, the label convention and the metrics. A tiny real
 U-Net checks the checkpoint round trip, ensembling and the error exits.
 """
+import errno
+import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import nibabel as nib
@@ -197,7 +201,7 @@ def test_output_geometry_labels_and_metrics(tmp_path, threshold_net, capsys, aff
         assert report["cases"][cid][region]["hd95"] == 0.0
     assert (out / "metrics.csv").read_text().startswith("case_id,region,")
     stdout = capsys.readouterr().out
-    assert "1 written, 0 skipped, 0 failed" in stdout and "Dice" in stdout
+    assert "done: 1 predicted now, 0 kept" in stdout and "settings, 0 failed" in stdout and "Dice" in stdout
 
 
 @pytest.mark.parametrize("naming, checkpoint_convention, override, expected_et", [
@@ -314,7 +318,7 @@ def test_invalid_reference_fails_its_case(tmp_path, threshold_net, capsys):
     nib.save(nib.Nifti1Image(labels, seg.affine), str(seg_path))
     assert run_main(["--checkpoint", ckpt, "-i", tmp_path / "data", "-o", tmp_path / "out"]) == 1
     captured = capsys.readouterr()
-    assert "1 written, 0 skipped, 1 failed" in captured.out
+    assert "done: 1 predicted now, 0 kept" in captured.out and "settings, 1 failed" in captured.out
     assert f"{bad}: " in captured.err and "5" in captured.err and str(seg_path.name) in captured.err
     assert list(json.loads((tmp_path / "out" / "metrics.json").read_text())["cases"]) == [good]
 
@@ -353,12 +357,12 @@ def test_existing_outputs_skipped_unless_overwrite(tmp_path, threshold_net, caps
     stamp = target.stat().st_mtime_ns
     assert run_main(["--checkpoint", ckpt, "-i", tmp_path / "data", "-o", out]) == 0
     stdout = capsys.readouterr().out
-    assert "exists, skipped" in stdout and "0 written, 1 skipped" in stdout
+    assert f"{cid}: kept" in stdout and "done: 0 predicted now, 1 kept" in stdout
     assert target.stat().st_mtime_ns == stamp
     assert json.loads((out / "metrics.json").read_text())["cases"][cid]["ET"]["dice"] == 1.0
 
     assert run_main(["--checkpoint", ckpt, "-i", tmp_path / "data", "-o", out, "--overwrite"]) == 0
-    assert "1 written, 0 skipped" in capsys.readouterr().out
+    assert "done: 1 predicted now, 0 kept" in capsys.readouterr().out
     assert target.stat().st_mtime_ns != stamp
 
 
@@ -379,6 +383,245 @@ def test_output_inside_input_refused(tmp_path, threshold_net, capsys, where):
 
 
 # ----------------------------------------------------------------------------------------------
+# OUTPUT/predictions.json: what wrote the masks; kept masks only of the same configuration
+# ----------------------------------------------------------------------------------------------
+def other_threshold_checkpoint(path: Path) -> Path:
+    """Another model of the same task: ThresholdNet with shifted edges (other masks)."""
+    model = ThresholdNet(4)
+    with torch.no_grad():
+        model.edges += 0.05
+    return save_checkpoint(checkpoint_state("2021", "labels", model, tiny_config()), path)
+
+
+def write_cases(root: Path, n: int) -> list[str]:
+    ids = [case_id("2021", i) for i in range(n)]
+    for i, cid in enumerate(ids):
+        write_case(root, cid, seed=i, seg_convention="2021")
+    return ids
+
+
+def test_predictions_json_records_what_wrote_the_masks(tmp_path, threshold_net, capsys):
+    ckpt = threshold_checkpoint(tmp_path / "model.pt")
+    ids = write_cases(tmp_path / "data", 2)
+    out = tmp_path / "out"
+    base = ["--checkpoint", ckpt, "-i", tmp_path / "data", "-o", out]
+    assert run_main(base + ["--cases", ids[0], "infer.tta=true", "infer.sw_batch_size=1"]) == 0
+    record = json.loads((out / "predictions.json").read_text())
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert record["checkpoints"] == [{"path": str(ckpt.resolve()), "sha256": digest}]
+    assert record["task"] == "brats-gli-2021" and record["output_task"].startswith("auto")
+    assert record["settings"]["infer.tta"] is True and record["settings"]["infer.et_min_volume"] == 0
+    assert {"infer.overlap", "infer.output_task", "infer.min_component_size"} <= set(record["settings"])
+    assert not {"infer.device", "infer.sw_batch_size", "infer.precision"} & set(record["settings"])
+    assert datetime.fromisoformat(record["time"]).tzinfo is not None
+    assert record["cases"] == [ids[0]]
+    assert json.loads((out / "metrics.json").read_text())["kept"] == []
+    capsys.readouterr()
+
+    # the same checkpoint and mask settings (device and batch size do not change masks): the first
+    # case's mask is kept, reported as kept, and the case lists merge
+    assert run_main(base + ["infer.tta=true", "infer.sw_batch_size=3", "infer.device=cpu", "infer.precision=fp32"]) == 0
+    stdout = capsys.readouterr().out
+    assert "done: 1 predicted now, 1 kept from an earlier run of the same checkpoint(s) and settings" in stdout
+    assert "1 of them of masks kept from an earlier run" in stdout
+    assert json.loads((out / "predictions.json").read_text())["cases"] == ids
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["kept"] == [ids[0]] and sorted(report["cases"]) == ids
+    assert not list(out.glob(".*"))
+
+
+def test_masks_of_another_checkpoint_are_refused(tmp_path, threshold_net, capsys):
+    """Re-running with another checkpoint into the same folder must not report the old masks'
+    metrics as the new model's: one line saying what wrote them, exit 2, nothing touched."""
+    a = threshold_checkpoint(tmp_path / "a.pt")
+    b = other_threshold_checkpoint(tmp_path / "b.pt")
+    ids = write_cases(tmp_path / "data", 2)
+    out = tmp_path / "out"
+    assert run_main(["--checkpoint", a, "-i", tmp_path / "data", "-o", out, "--cases", ids[0]]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+
+    for cases in (ids[0], ids[1]):  # also other cases: one folder holds the masks of one configuration
+        assert run_main(["--checkpoint", b, "-i", tmp_path / "data", "-o", out, "--cases", cases]) == 2
+        line = one_error_line(capsys)
+        assert f"{ids[0]}.nii.gz" in line and "another configuration" in line
+        assert str(a.resolve()) in line and str(b.resolve()) in line
+        assert "--overwrite" in line and "another -o" in line
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    assert run_main(["--checkpoint", b, "-i", tmp_path / "data", "-o", out, "--cases", ids[0], "--overwrite"]) == 0
+    assert "done: 1 predicted now, 0 kept" in capsys.readouterr().out
+    record = json.loads((out / "predictions.json").read_text())
+    assert [c["sha256"] for c in record["checkpoints"]] == [hashlib.sha256(b.read_bytes()).hexdigest()]
+    assert record["cases"] == [ids[0]]
+
+
+def test_masks_of_other_mask_settings_are_refused(tmp_path, threshold_net, capsys):
+    ckpt = threshold_checkpoint(tmp_path / "model.pt")
+    write_cases(tmp_path / "data", 1)
+    out = tmp_path / "out"
+    base = ["--checkpoint", ckpt, "-i", tmp_path / "data", "-o", out]
+    assert run_main(base) == 0
+    capsys.readouterr()
+    assert run_main(base + ["infer.et_min_volume=5", "infer.tta=true"]) == 2
+    line = one_error_line(capsys)
+    assert "infer.et_min_volume=0 there, 5 now" in line and "infer.tta=false there, true now" in line
+    assert "sha256" not in line  # the same checkpoint: only the settings differ
+
+
+@pytest.mark.parametrize("problem", ["no_record", "unreadable_record", "unlisted_mask"])
+def test_masks_of_unknown_origin_are_refused(tmp_path, threshold_net, capsys, problem):
+    """Masks without a predictions.json (an older folder, copied masks), with a broken one, or not
+    listed in it: nobody can tell what wrote them, so they are not reported as this run's."""
+    ckpt = threshold_checkpoint(tmp_path / "model.pt")
+    ids = write_cases(tmp_path / "data", 2)
+    out = tmp_path / "out"
+    base = ["--checkpoint", ckpt, "-i", tmp_path / "data", "-o", out]
+    assert run_main(base + ["--cases", ids[0]]) == 0
+    if problem == "no_record":
+        (out / "predictions.json").unlink()
+    elif problem == "unreadable_record":
+        (out / "predictions.json").write_text("{not json")
+    else:
+        (out / f"{ids[1]}.nii.gz").write_bytes((out / f"{ids[0]}.nii.gz").read_bytes())
+    metrics_before = (out / "metrics.json").read_bytes()
+    capsys.readouterr()
+    assert run_main(base) == 2
+    line = one_error_line(capsys)
+    expected = {"no_record": "no predictions.json says which checkpoint(s) and settings wrote them",
+                "unreadable_record": "predictions.json is unreadable",
+                "unlisted_mask": f"{ids[1]}.nii.gz) are not listed in"}[problem]
+    assert expected in line and "--overwrite" in line
+    assert (out / "metrics.json").read_bytes() == metrics_before
+    assert run_main(base + ["--overwrite"]) == 0
+    assert "done: 2 predicted now, 0 kept" in capsys.readouterr().out
+    assert json.loads((out / "predictions.json").read_text())["cases"] == ids
+
+
+def test_interrupted_run_continues(tmp_path, threshold_net, capsys, monkeypatch):
+    ckpt = threshold_checkpoint(tmp_path / "model.pt")
+    ids = write_cases(tmp_path / "data", 3)
+    out = tmp_path / "out"
+    original = infer.predict_stage
+
+    def interrupted(run, loaded):
+        if loaded.case.case_id == ids[1]:
+            raise KeyboardInterrupt
+        return original(run, loaded)
+
+    monkeypatch.setattr(infer, "predict_stage", interrupted)
+    assert run_main(["--checkpoint", ckpt, "-i", tmp_path / "data", "-o", out]) == 130
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == [f"{ids[0]}.nii.gz"]
+    assert json.loads((out / "predictions.json").read_text())["cases"] == [ids[0]]
+    monkeypatch.setattr(infer, "predict_stage", original)
+    capsys.readouterr()
+    assert run_main(["--checkpoint", ckpt, "-i", tmp_path / "data", "-o", out]) == 0
+    assert "done: 2 predicted now, 1 kept" in capsys.readouterr().out
+    assert json.loads((out / "metrics.json").read_text())["kept"] == [ids[0]]
+    assert json.loads((out / "predictions.json").read_text())["cases"] == ids
+
+
+# ----------------------------------------------------------------------------------------------
+# --cases: a split file, a list of ids, comma-separated ids
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("form", ["split_json", "text_file", "comma_list"])
+def test_cases_selects_cases_of_the_input(tmp_path, threshold_net, capsys, form):
+    ckpt = threshold_checkpoint(tmp_path / "model.pt")
+    ids = write_cases(tmp_path / "data", 4)
+    wanted = [ids[1], ids[3]]
+    if form == "split_json":  # the split.json of train.py
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "split.json").write_text(json.dumps({"train": [ids[0], ids[2]], "val": wanted}))
+        spec = f"{tmp_path / 'run' / 'split.json'}:val"
+    elif form == "text_file":
+        (tmp_path / "cases.txt").write_text(f"# validation cases\n{ids[3]}\n\n  {ids[1]}  \n")
+        spec = str(tmp_path / "cases.txt")
+    else:
+        spec = f"{ids[3]}, {ids[1]}"
+    out = tmp_path / "out"
+    assert run_main(["--checkpoint", ckpt, "-i", tmp_path / "data", "-o", out, "--cases", spec]) == 0
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == [f"{i}.nii.gz" for i in wanted]
+    assert sorted(json.loads((out / "metrics.json").read_text())["cases"]) == wanted
+    assert capsys.readouterr().out.startswith("2 case(s), ")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("BraTS2021_00001,BraTS2021_00042", "case BraTS2021_00042 is not in"),
+    ("{split}:val", "case BraTS2021_00099 is not in"),
+    ("{split}:test", 'has no list "test" (keys: train, val)'),
+    ("{split}", "name the list to use"),
+    ("{tmp}/missing.txt", "missing.txt: file not found"),
+    ("{tmp}/missing.json:val", "missing.json: file not found"),
+    (" , ", "no case ids given"),
+])
+def test_cases_errors_exit_2(tmp_path, threshold_net, capsys, spec, message):
+    ckpt = threshold_checkpoint(tmp_path / "model.pt")
+    write_cases(tmp_path / "data", 2)
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": [case_id("2021", 0)], "val": [case_id("2021", 1), case_id("2021", 99)]}))
+    spec = spec.format(split=split, tmp=tmp_path)
+    assert run_main(["--checkpoint", ckpt, "-i", tmp_path / "data", "-o", tmp_path / "out", "--cases", spec]) == 2
+    line = one_error_line(capsys)
+    assert "--cases" in line and message in line
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Unwritable OUTPUT, full disk
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def unwritable(tmp_path):
+    """``(folder, reason)``: a folder where no file can be created. A read-only folder (chmod 0o500)
+    or, where that does not stop writes (root), a folder below a file of the same name as a parent."""
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        (folder / "probe").write_bytes(b"")
+    except PermissionError:
+        yield folder, "Permission denied"
+        folder.chmod(0o700)
+        return
+    (folder / "probe").unlink()
+    folder.chmod(0o700)
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    yield tmp_path / "blocker" / "out", "a file of that name is in the way"
+
+
+def test_unwritable_output_exits_2_before_any_work(tmp_path, unwritable, capsys):
+    folder, reason = unwritable
+    write_case(tmp_path / "data", case_id("2021", 1))
+    # the checkpoint does not exist: the output folder is checked before models are loaded
+    assert run_main(["--checkpoint", tmp_path / "missing.pt", "-i", tmp_path / "data", "-o", folder]) == 2
+    line = one_error_line(capsys)
+    assert f"{folder}: cannot write there ({reason})" in line and "-o" in line
+
+
+def test_full_disk_while_writing_a_mask(tmp_path, threshold_net, capsys, monkeypatch):
+    """A write that fails (here: no space left) is one line naming the mask, exit 2; the earlier
+    mask of the case is intact and no temporary file is left in OUTPUT."""
+    ckpt = threshold_checkpoint(tmp_path / "model.pt")
+    [cid] = write_cases(tmp_path / "data", 1)
+    out = tmp_path / "out"
+    base = ["--checkpoint", ckpt, "-i", tmp_path / "data", "-o", out]
+    assert run_main(base) == 0
+    earlier = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "predictions.json"}
+
+    def full_disk(img, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"half a NIfTI")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
+
+    monkeypatch.setattr(nib, "save", full_disk)
+    capsys.readouterr()
+    assert run_main(base + ["--overwrite"]) == 2
+    line = one_error_line(capsys)
+    assert f"{out / cid}.nii.gz: cannot write it (No space left on device)" in line and ".tmp" not in line
+    assert not list(out.glob(".*"))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "predictions.json"} == earlier
+    assert json.loads((out / "predictions.json").read_text())["cases"] == [cid]
+
+
+# ----------------------------------------------------------------------------------------------
 # Bad input: one failing case among many; exit-2 errors
 # ----------------------------------------------------------------------------------------------
 def test_corrupt_case_among_good_ones(tmp_path, threshold_net, capsys):
@@ -392,7 +635,7 @@ def test_corrupt_case_among_good_ones(tmp_path, threshold_net, capsys):
     assert (out / f"{ids[0]}.nii.gz").is_file() and (out / f"{ids[2]}.nii.gz").is_file()
     assert not (out / f"{ids[1]}.nii.gz").exists()
     captured = capsys.readouterr()
-    assert "2 written, 0 skipped, 1 failed" in captured.out
+    assert "done: 2 predicted now, 0 kept" in captured.out and "settings, 1 failed" in captured.out
     assert "1 of 3 cases failed" in captured.err and ids[1] in captured.err and "flair" in captured.err
 
 
@@ -419,7 +662,7 @@ def test_pipeline_failure_in_any_stage_skips_only_that_case(tmp_path, threshold_
     assert run_main(["--checkpoint", ckpt, "-i", tmp_path / "data", "-o", out]) == 1
     captured = capsys.readouterr()
     assert f"{ids[2]}: RuntimeError: simulated {stage} failure" in captured.err
-    assert "4 written, 0 skipped, 1 failed" in captured.out
+    assert "done: 4 predicted now, 0 kept" in captured.out and "settings, 1 failed" in captured.out
     written = [line.split(":")[0] for line in captured.out.splitlines() if ": written in" in line]
     assert written == [ids[0], ids[1], ids[3], ids[4]]
     assert sorted(p.name for p in out.glob("*.nii.gz")) == [f"{i}.nii.gz" for i in ids if i != ids[2]]

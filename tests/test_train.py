@@ -78,7 +78,8 @@ def test_end_to_end_outputs(base):
     assert "effective batch 2" in out
     assert f"epoch 1/{EPOCHS} [{ITERS}/{ITERS}] loss" in out  # progress as plain lines off a terminal
     assert "final validation Dice: WT" in out
-    assert f"python infer.py --checkpoint {run_a / 'best.pt'}" in out
+    assert f"python infer.py --checkpoint {run_a / 'best.pt'} -i " in out  # the next step, on the validation cases:
+    assert f"--cases {run_a / 'split.json'}:val" in out
     for name in ("config.yaml", "split.json", "last.pt", "best.pt", "metrics.jsonl"):
         assert (run_a / name).is_file(), name
     assert yaml.safe_load((run_a / "config.yaml").read_text())["train"]["epochs"] == EPOCHS
@@ -342,10 +343,12 @@ def test_setup_rejects_one_explicit_gpu_for_several_processes(monkeypatch):
     ("cuda", (9, 0), torch.bfloat16, torch.bfloat16),  # H100
     ("cuda", (7, 0), torch.float16, torch.float16),
     ("cuda", (7, 0), None, None),
-    ("cpu", None, torch.bfloat16, torch.bfloat16),
+    ("cpu", None, torch.bfloat16, torch.bfloat16),  # a CPU with native bf16 (patched below)
+    ("cpu", None, torch.float16, None),  # fp16 on the CPU runs fp32
 ])
 def test_autocast_dtype_falls_back_to_fp16_before_ampere(monkeypatch, device, capability, dtype, expected):
     from engine import distributed as dist
+    monkeypatch.setattr(dist, "cpu_has_native_bf16", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
     assert dist.autocast_dtype(dtype, torch.device(device)) is expected
@@ -394,3 +397,141 @@ def test_validation_panel_is_the_case_picture():
     np.testing.assert_array_equal(panel, as_chw(expected))
     assert panel.dtype == np.float32 and panel.min() >= 0 and panel.max() <= 1
     assert panel.shape[0] == 3 and panel.shape[1] >= 2 * 10 * 20 and panel.shape[2] >= 3 * 10 * 20  # zoomed x10
+
+
+def test_bf16_on_a_cpu_without_native_bf16_runs_fp32_with_one_line(monkeypatch, caplog):
+    from engine import distributed as dist
+    dist._warn_once.cache_clear()
+    monkeypatch.setattr(dist, "cpu_has_native_bf16", lambda: False)
+    with caplog.at_level("WARNING"):
+        assert dist.autocast_dtype(torch.bfloat16, torch.device("cpu")) is None
+        assert dist.autocast_dtype(torch.bfloat16, torch.device("cpu")) is None
+    lines = [r.getMessage() for r in caplog.records if "native bf16" in r.getMessage()]
+    assert len(lines) == 1 and "running fp32" in lines[0]  # said once
+
+
+def test_more_workers_than_cores_is_said_once_in_our_words():
+    assert train.workers_note(1) == ""
+    note = train.workers_note(10_000)
+    assert "data.num_workers=10000" in note and "CPU core" in note and "\n" not in note
+    import warnings
+    assert any("This DataLoader will create" in str(f[1].pattern) for f in warnings.filters
+               if f[0] == "ignore" and f[1] is not None)  # torch's own warning is silenced
+
+
+def test_shell_command_quotes_paths_with_spaces():
+    import shlex
+    line = train.shell_command("python", "infer.py", "--checkpoint", "my runs/demo/best.pt", "-o", "a'b")
+    assert shlex.split(line) == ["python", "infer.py", "--checkpoint", "my runs/demo/best.pt", "-o", "a'b"]
+
+
+def test_ctrl_c_saves_at_the_step_and_resume_is_exact(base, monkeypatch):
+    """A first Ctrl-C finishes the current step, saves last.pt at that iteration (no validation),
+    exits 130 and says how to continue; resuming gives the uninterrupted run's weights."""
+    import os
+    import signal
+    run_d = base["tmp"] / "run d"  # a space in the path: the printed command must still work
+    real_build, calls = train.build_loss, []
+
+    def interrupting(cfg, task):
+        loss = real_build(cfg, task)
+
+        def forward(prediction, target):
+            calls.append(1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during the second step
+            return loss(prediction, target)
+        return forward
+
+    monkeypatch.setattr(train, "build_loss", lambda cfg, task: LossWrapper(interrupting(cfg, task)))
+    code, out, err = run(args(base, run_d))
+    monkeypatch.undo()
+    assert code == 130, err
+    assert "Ctrl-C: finishing this step" in err
+    stopped = load_checkpoint(run_d / "last.pt")
+    assert (stopped["epoch"], stopped["epoch_iteration"], stopped["iteration"]) == (0, 2, 2)
+    assert not (run_d / "metrics.jsonl").exists() or not (run_d / "metrics.jsonl").read_text().strip()
+    import shlex
+    command = out.strip().splitlines()[-1].split("continue exactly with: ")[1]
+    assert shlex.split(command) == ["python", "train.py", "--resume", str(run_d / "last.pt")]
+
+    code, out, err = run(["--resume", str(run_d / "last.pt")])
+    assert code == 0, err
+    assert "resumed at epoch 1, iteration 2" in out and "best mean Dice none yet" in out
+    a, b = load_checkpoint(base["run_a"] / "last.pt"), load_checkpoint(run_d / "last.pt")
+    assert (b["epoch"], b["iteration"]) == (a["epoch"], a["iteration"])
+    for name, tensor in a["model"].items():
+        assert torch.allclose(tensor, b["model"][name], rtol=1e-5, atol=1e-6), name
+
+
+class LossWrapper(torch.nn.Module):
+    """A callable loss as a module (train.py moves the loss to the device)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, prediction, target):
+        return self.fn(prediction, target)
+
+
+def test_unwritable_out_dir_or_cache_dir_exit_2_before_any_work(base, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    for override, key in ((f"out_dir={blocker / 'run'}", "out_dir"), (f"data.cache_dir={blocker / 'cache'}",
+                                                                        "data.cache_dir")):
+        argv = ["-c", str(base["config"]), override] + ([f"out_dir={tmp_path / 'ok'}"] if key != "out_dir" else [])
+        code, out, err = run(argv)
+        assert code == 2, err
+        line = err.strip().splitlines()
+        assert len(line) == 1 and f"cannot write there (a file of that name is in the way); set {key}" in line[0]
+        assert out == ""  # nothing started
+    assert not (tmp_path / "ok").exists()  # the probe removed what it created
+
+
+def test_missing_data_root_names_the_key(base, tmp_path):
+    code, out, err = run(args(base, tmp_path / "o", f"data.root={tmp_path / 'nope'}", "data.synthetic_cases=0"))
+    assert code == 2 and "data folder not found; set data.root=/path/to/BraTS" in err
+
+
+def test_resume_auto_starts_fresh_then_resumes(base, tmp_path):
+    run_e = tmp_path / "run_e"
+    code, out, err = run(args(base, run_e, "--resume", "auto", "train.epochs=1"))
+    assert code == 0, err
+    assert f"--resume auto: no {run_e / 'last.pt'}, starting fresh" in out
+    code, out, err = run(args(base, run_e, "--resume", "auto", "train.epochs=2"))  # the job resubmitted unchanged
+    assert code == 0, err
+    assert f"--resume auto: resuming {run_e / 'last.pt'}" in out and "resumed at epoch 2" in out
+    assert load_checkpoint(run_e / "last.pt")["epoch"] == 2
+    code, _, err = run(["--resume", "auto"])
+    assert code == 2 and "--resume auto needs the config" in err
+
+
+def test_checkpoint_every_saves_mid_epoch(base, tmp_path):
+    """train.checkpoint_every=2 with 3 iterations per epoch: last.pt after iterations 2, 3, 4, 6; the
+    file after the run is the end of the run (the mid-epoch saves were replaced atomically)."""
+    import engine.checkpoint
+    saved = []
+    real = engine.checkpoint.save_checkpoint
+
+    def spy(state, path):
+        saved.append((Path(path).name, state["iteration"], state["epoch_iteration"]))
+        return real(state, path)
+    train.save_checkpoint = spy
+    try:
+        code, out, err = run(args(base, tmp_path / "run_f", "train.checkpoint_every=2"))
+    finally:
+        train.save_checkpoint = real
+    assert code == 0, err
+    assert [s for s in saved if s[0] == "last.pt"] == [("last.pt", 2, 2), ("last.pt", 3, 0), ("last.pt", 4, 1),
+                                                       ("last.pt", 6, 0)]
+    code, _, err = run(args(base, tmp_path / "run_g", "train.checkpoint_every=-1"))
+    assert code == 2 and "train.checkpoint_every" in err
+
+
+def test_resume_with_another_world_size_says_what_changes():
+    from engine import distributed as dist
+    info = dist.DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    note = train.restore_rng([{}, {}], info, torch.device("cpu"), batch_size=2)
+    assert "resumed with 1 process(es) instead of 2" in note and "effective batch is now 2" in note
+    assert "instead of 4" in note and "fresh seeds" in note
