@@ -58,17 +58,18 @@ from datasets.io import Case, CaseError, Geometry, discover_cases, read_case, to
     write_segmentation
 from datasets.preprocess import preprocess_case, restore_probabilities
 from engine.atomic import atomic_write_text, check_writable
-from engine.config import Config
+from engine.config import Config, parse_override
 from engine.errors import UserError, run_cli
-from engine.postprocess import postprocess
-from engine.predict import ModelSpec, load_models, override_infer_config, predict_case, resolve_device
+from engine.postprocess import Rules, check_rules, postprocess_classes
+from engine.predict import ModelSpec, choose_backend, load_models, override_infer_config, predict_case, resolve_device
 from engine.render import dice_line, render_case, save_png
+from engine.sliding_window import FLIP_DIMS
 from engine.task import Task, TaskError, display_channels, load_task
 from metrics import aggregate, case_metrics, evaluate_files, format_table, write_report
 
 PENDING_WRITES = 2  # predicted cases waiting for the writer thread before the prediction loop waits
 PREDICTIONS_FILE = "predictions.json"  # OUTPUT/predictions.json: what produced the masks of OUTPUT
-NOT_MASK_SETTINGS = ("device", "sw_batch_size", "precision")  # infer.* keys that do not change the masks
+NOT_MASK_SETTINGS = ("device", "sw_batch_size", "precision", "backend")  # infer.* keys that only change speed
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -87,6 +88,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--save-probabilities", action="store_true",
                         help="also write OUTPUT/<case_id>_probs.nii.gz")
     parser.add_argument("--png", action="store_true", help="also write OUTPUT/<case_id>.png (3 slices, overlay, legend)")
+    parser.add_argument("--postprocessing", metavar="JSON",
+                        help="post-processing rules to apply (evaluate.py --tune-postprocessing, or a run's "
+                             "postprocessing.json); default: the checkpoint's tuned rules (an ensemble: none)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="infer.* / metrics.* config overrides")
     return parser.parse_args(argv)
 
@@ -103,6 +107,7 @@ class Run:
     output: Path
     args: argparse.Namespace
     per_case: dict[str, dict] = field(default_factory=dict)  # case_id -> case_metrics(...)
+    rules: Rules = field(default_factory=Rules)  # the post-processing applied (choose_postprocessing)
     configuration: dict = field(default_factory=dict)  # what makes the masks (mask_configuration)
     recorded: set[str] = field(default_factory=set)  # cases whose masks that configuration wrote to OUTPUT
 
@@ -124,15 +129,20 @@ def main(argv: list[str] | None = None) -> int:
     if wanted is not None:
         cases = select_cases(cases, wanted, args.cases, input_dir)
     run = Run(models, cfg, spec, output_task, device, output, args)
+    run.rules, source = choose_postprocessing(args, cfg, spec)
     check_task_of_input(run, cases)
     run.configuration = mask_configuration(run)
     run.recorded = check_output_folder(run, cases)  # masks of other checkpoints/settings: exit 2 before any work
+    to_predict = sum(args.overwrite or not (output / f"{case.case_id}.nii.gz").exists() for case in cases)
+    passes = to_predict * (len(FLIP_DIMS) if cfg.infer.tta else 1)  # network passes over cases: auto backend
+    models = choose_backend(models, args.checkpoint, spec, cfg.infer.backend, device, passes)
     run.models = [m.to(device) for m in models]
     output.mkdir(parents=True, exist_ok=True)
     with writing(output / PREDICTIONS_FILE):
         write_predictions_file(run)  # before the first mask: an interrupted run can continue
     say(f"{len(cases)} case(s), {len(models)} model(s), task {spec.task.name}, {spec.mode} output, device {device}, "
         f"tta={'on' if cfg.infer.tta else 'off'}, window {list(cfg.data.patch_size)}")
+    say(f"post-processing: {run.rules.describe(spec.task)} ({source})")
 
     start = time.perf_counter()
     todo, kept, failures = [], [], []
@@ -158,6 +168,47 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {case_id}: {message}", file=sys.stderr)
         return 1
     return 0
+
+
+POSTPROCESS_KEYS = ("min_component_size", "et_min_volume", "postprocess_unit", "largest_component")
+
+
+def choose_postprocessing(args: argparse.Namespace, cfg: Config, spec: ModelSpec) -> tuple[Rules, str]:
+    """The post-processing rules to apply and where they come from: ``infer.*`` overrides of any of
+    ``POSTPROCESS_KEYS`` win, then ``--postprocessing FILE``, then the rules tuned on the
+    validation cases stored in a single checkpoint; an ensemble gets none without a file (its
+    members were tuned on different cases)."""
+    overridden = [o for o in args.overrides if parse_override(o)[0] in {f"infer.{k}" for k in POSTPROCESS_KEYS}]
+    if overridden:
+        return Rules.from_config(cfg.infer), "infer.* overrides"
+    if args.postprocessing:
+        rules, source = read_postprocessing(Path(args.postprocessing), spec.task)
+        return rules, f"{args.postprocessing}: {source}"
+    if len(args.checkpoint) > 1:
+        return Rules(), ("an ensemble: give --postprocessing FILE tuned on the union of the folds' validation cases "
+                         "(evaluate.py --tune-postprocessing)")
+    if spec.postprocessing:
+        rules = Rules.from_dict(spec.postprocessing["rules"])
+        return rules, f"{args.checkpoint[0]}: {spec.postprocessing.get('source', 'stored in the checkpoint')}"
+    return Rules.from_config(cfg.infer), "the checkpoint's infer.* settings; no tuned rules in it"
+
+
+def read_postprocessing(path: Path, task: Task) -> tuple[Rules, str]:
+    """``(rules, source)`` of a post-processing JSON ``{"rules": {...}, "source": "..."}``;
+    ``UserError`` naming the file when it is missing, not JSON, or does not fit ``task``."""
+    if not path.is_file():
+        raise UserError(f"{path}: post-processing file not found (--postprocessing)")
+    try:
+        raw = json.loads(path.read_text())
+        rules = Rules.from_dict(raw["rules"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{path}: not a post-processing file ({type(err).__name__}: {err}); expected "
+                        '{"rules": {...}, "source": "..."}') from None
+    try:
+        check_rules(task, rules)
+    except ValueError as err:
+        raise UserError(f"{path}: {err}") from None
+    return rules, str(raw.get("source", "no source recorded"))
 
 
 def say(message: str) -> None:
@@ -244,7 +295,8 @@ def mask_configuration(run: Run) -> dict:
     setting except those that only change speed or placement (``NOT_MASK_SETTINGS``) and the
     output task. Two runs with equal hashes, task and settings write the same masks."""
     settings = {f"infer.{key}": value for key, value in dataclasses.asdict(run.cfg.infer).items()
-                if key not in NOT_MASK_SETTINGS}
+                if key not in NOT_MASK_SETTINGS and key not in POSTPROCESS_KEYS}
+    settings.update({f"postprocessing.{key}": value for key, value in run.rules.to_dict().items()})  # as applied
     return {
         "checkpoints": [{"path": str(Path(p).resolve()), "sha256": file_sha256(p)} for p in run.args.checkpoint],
         "task": run.spec.task.name,
@@ -487,7 +539,7 @@ def predict_stage(run: Run, loaded: Loaded) -> tuple[np.ndarray, np.ndarray | No
     probs = predict_case(run.models, loaded.crop_images, cfg.infer, cfg.data.patch_size, spec.mode, run.device)
     probs = restore_probabilities(probs, loaded.geometry)  # to the crop's own grid, before labels are decided
     classes = spec.task.decode(probs, spec.mode, cfg.infer.region_threshold).cpu().numpy()
-    classes = postprocess(classes, cfg.infer, spec.task)
+    classes = postprocess_classes(classes, spec.task, run.rules, loaded.geometry.canonical_spacing)
     kept = probs.cpu().numpy() if run.args.save_probabilities else None
     return classes, kept, time.perf_counter() - tick
 

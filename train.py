@@ -8,8 +8,9 @@
 
 Everything a run writes goes into ``cfg.out_dir`` (default ``runs/<config name>``): the resolved
 ``config.yaml``, ``split.json``, ``last.pt`` (every epoch), ``best.pt`` (best mean validation
-Dice over the task's regions, e.g. WT/TC/ET), ``metrics.jsonl`` (one line per validation) and
-TensorBoard event files. The task (``data.task``: labels, regions, evaluation rules) is detected
+Dice over the task's regions, e.g. WT/TC/ET, after the post-processing chosen on the validation
+cases: ``engine/tuning.py``), ``postprocessing.json`` (those rules), ``metrics.jsonl`` (one line
+per validation) and TensorBoard event files. The task (``data.task``: labels, regions, evaluation rules) is detected
 from the data unless set, and stored in every checkpoint.
 
 One epoch = ``train.iters_per_epoch`` optimizer steps on random patches; validation every
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import math
 import os
 import random
@@ -53,7 +55,7 @@ from datasets.spatial import plan_strides, pooling_problem
 from datasets.split import load_split, make_split, save_split
 from datasets.synthetic import generate_dataset
 from engine import distributed as dist
-from engine.atomic import check_writable
+from engine.atomic import atomic_write_text, check_writable
 from engine.checkpoint import load_checkpoint, save_checkpoint, stored_task, unwrap_model
 from engine.config import ConfigError, apply_overrides, from_dict, load_config, parse_override, save_config, to_dict
 from engine.errors import UserError, run_cli
@@ -62,6 +64,7 @@ from engine.optim import LRSchedule, apply_hyperparameters, build_optimizer
 from engine.predict import predict_case
 from engine.render import as_chw, dice_line, render_case
 from engine.task import builtin_tasks, display_channels, load_task
+from engine.tuning import tune_case, tune_postprocessing
 from losses import build_loss, output_mode
 from metrics import aggregate, case_metrics, means
 from models import build_model, count_parameters
@@ -191,7 +194,8 @@ def train(cfg, info: dist.DistInfo, resume: dict | None, started: float, interru
     channels = display_channels(cache.modalities)
     regions = task.region_names
     stop = interrupted = False
-    last_val, last_val_seconds = None, 0.0
+    last_val, last_val_seconds, last_tuning = None, 0.0, None
+    postprocessing = resume.get("postprocessing") if resume is not None else None  # the rules of the last validation
     if cfg.data.num_workers > 0:
         log(f"starting {cfg.data.num_workers} loader worker(s) per process: the first batch takes a few seconds"
             + workers_note(cfg.data.num_workers))
@@ -269,7 +273,8 @@ def train(cfg, info: dist.DistInfo, resume: dict | None, started: float, interru
                 break
             if cfg.train.checkpoint_every and iteration % cfg.train.checkpoint_every == 0 and epoch_iter < iters:
                 save_training_state(out_dir, info, cfg, cache, mode, model, optimizer, schedule, scaler,
-                                    counters(epoch, epoch_iter, iteration, best, skipped))  # mid-epoch
+                                    counters(epoch, epoch_iter, iteration, best, skipped),
+                                    postprocessing=postprocessing)  # mid-epoch
         bar.close()
 
         steps_done = epoch_iter - first_iter
@@ -294,20 +299,35 @@ def train(cfg, info: dist.DistInfo, resume: dict | None, started: float, interru
             log(f"validating {len(split['val'])} case(s) (whole cases, sliding window"
                 + (f"; about {last_val_seconds:.0f} s last time)" if last_val_seconds else ")"))
             val_start = time.perf_counter()
-            per_case, panel = validate(model, cache, split["val"], cfg, mode, info, channels)
+            per_case, panel, predictions = validate(model, cache, split["val"], cfg, mode, info, channels)
+            tuning = last_tuning = None
+            if cfg.train.tune_postprocessing:  # on this validation's predictions: no second pass (all ranks)
+                tuning = tune_postprocessing(predictions, task, cfg.metrics.convention,
+                                             reduce=lambda v: dist.all_reduce_sum(torch.as_tensor(
+                                                 v, device=device)).cpu().numpy())
+                last_tuning = tuning
+                postprocessing = {"rules": tuning.rules.to_dict(),
+                                  "source": tuning.source(cfg.metrics.convention, f"of {out_dir} at epoch {epoch}")}
             if is_main:
                 last_val = means(aggregate(per_case))
                 mean_dice = float(np.mean([last_val[r]["dice"] for r in regions]))
-                improved = mean_dice > best["dice"]
+                score = tuning.after if tuning is not None else mean_dice  # best.pt: post-processed when tuned
+                improved = score > best["dice"]
                 if improved:
-                    best = {"dice": mean_dice, "epoch": epoch}
-                log_validation(logger, last_val, mean_dice, best, per_case, panel, epoch, iteration, train_loss, lr)
+                    best = {"dice": score, "epoch": epoch}
+                    if tuning is not None:
+                        atomic_write_text(out_dir / "postprocessing.json", json.dumps(postprocessing, indent=1))
+                log_validation(logger, last_val, mean_dice, tuning, best, per_case, panel, epoch, iteration,
+                               train_loss, lr)
                 last_val_seconds = time.perf_counter() - val_start
                 log("validation Dice | " + " | ".join(f"{r} {last_val[r]['dice']:.4f}" for r in regions)
-                    + f" | mean {mean_dice:.4f} | best {best['dice']:.4f} (epoch {best['epoch']}) | "
-                    f"{len(per_case)} cases, {last_val_seconds:.0f} s")
+                    + f" | mean {mean_dice:.4f}"
+                    + (f" | post-processed mean {tuning.after:.4f} ({tuning.rules.describe(task)})" if tuning else "")
+                    + f" | best {best['dice']:.4f} (epoch {best['epoch']}) | {len(per_case)} cases, "
+                    f"{last_val_seconds:.0f} s")
         save_training_state(out_dir, info, cfg, cache, mode, model, optimizer, schedule, scaler,
-                            counters(epoch, epoch_iter, iteration, best, skipped), best_too=improved)
+                            counters(epoch, epoch_iter, iteration, best, skipped), best_too=improved,
+                            postprocessing=postprocessing)
         if interrupt.requested and not interrupted:  # Ctrl-C during validation: stop after its save
             stop = interrupted = True
     interrupt.active = False
@@ -319,7 +339,10 @@ def train(cfg, info: dist.DistInfo, resume: dict | None, started: float, interru
         logger.close()
     if last_val is not None:
         log("final validation Dice: " + ", ".join(f"{r} {last_val[r]['dice']:.4f}" for r in regions)
-            + f" (best mean {best['dice']:.4f} at epoch {best['epoch']})")
+            + ("; post-processed: " + ", ".join(f"{r} {last_tuning.regions_after[r]:.4f}" for r in regions)
+               if last_tuning is not None else "")
+            + f" (best {'post-processed ' if cfg.train.tune_postprocessing else ''}mean {best['dice']:.4f} "
+            f"at epoch {best['epoch']})")
     resume_command = shell_command("python", "train.py", "--resume", out_dir / "last.pt")
     if interrupted:
         log(f"interrupted: {out_dir / 'last.pt'} holds iteration {iteration}; continue exactly with: {resume_command}")
@@ -401,9 +424,17 @@ def check_config(cfg) -> None:
             raise ConfigError(f"{key}: {value!r} must be {rule}")
     if d.task != "auto":
         load_task(d.task).select_modalities(d.modalities)  # TaskError naming data.task / data.modalities
-    if d.synthetic_cases > 0 and d.synthetic_task not in builtin_tasks():
-        raise ConfigError(f"data.synthetic_task: {d.synthetic_task!r} must be a built-in task "
+    if d.synthetic_cases > 0 and d.synthetic_task not in ("auto", *builtin_tasks()):
+        raise ConfigError(f"data.synthetic_task: {d.synthetic_task!r} must be auto or a built-in task "
                           f"({', '.join(builtin_tasks())})")
+
+
+def synthetic_task(d) -> str:
+    """The task of the cases ``data.synthetic_cases`` generates: ``data.synthetic_task``, with
+    ``auto`` the training task ``data.task`` when it is a built-in one, else ``brats-gli-2021``."""
+    if d.synthetic_task != "auto":
+        return d.synthetic_task
+    return d.task if d.task in builtin_tasks() else "brats-gli-2021"
 
 
 def check_resume_task(task, state: dict, out_dir: str) -> None:
@@ -513,10 +544,11 @@ def prepare_data(cfg, info: dist.DistInfo, log, resume: dict | None = None):
     # rank 0 decides (the others could see the folder it is creating) and tells the others
     if dist.broadcast_object(not root.exists() and cfg.data.synthetic_cases > 0):
         if info.is_main:
-            log(f"{root} does not exist: generating {cfg.data.synthetic_cases} synthetic cases of shape "
-                f"{'x'.join(map(str, cfg.data.synthetic_shape))} there (data.synthetic_cases)")
+            log(f"{root} does not exist: generating {cfg.data.synthetic_cases} synthetic cases of task "
+                f"{synthetic_task(cfg.data)}, shape {'x'.join(map(str, cfg.data.synthetic_shape))}, there "
+                "(data.synthetic_cases)")
             generate_dataset(root, cfg.data.synthetic_cases, seed=cfg.data.seed,
-                             task=cfg.data.synthetic_task, shape=tuple(cfg.data.synthetic_shape),
+                             task=synthetic_task(cfg.data), shape=tuple(cfg.data.synthetic_shape),
                              workers=max(1, cfg.data.cache_workers))
         dist.barrier()
     data_cfg = cfg.data
@@ -621,12 +653,13 @@ def validate(model, cache, case_ids: list[str], cfg, mode: str, info: dist.DistI
     """Sliding-window prediction of whole cached validation cases, sharded over ranks.
 
     Returns (on rank 0) ``{case_id: case_metrics(...)}`` of all cases and the picture of the
-    first case (``validation_panel``); on other ranks ``({}, None)``.
+    first case (``validation_panel``), on other ranks ``({}, None)``; and on every rank its own
+    cases for post-processing tuning (``tune_case``; none without ``train.tune_postprocessing``).
     """
     net = unwrap_model(model)  # predict_case puts it in eval mode and back
     infer_cfg = dataclasses.replace(cfg.infer, tta=False)
     window = tuple(cfg.data.patch_size)
-    results, panel = {}, None
+    results, panel, predictions = {}, None, []
     for i, case_id in enumerate(case_ids[info.rank::info.world_size]):
         case = cache.load(case_id)
         images = torch.from_numpy(np.array(case.images, dtype=np.float32))  # a copy of the memory map
@@ -635,12 +668,14 @@ def validate(model, cache, case_ids: list[str], cfg, mode: str, info: dist.DistI
         ref = np.asarray(case.classes)
         results[case_id] = case_metrics(pred, ref, case.geometry.model_spacing, cache.task,
                                         convention=cfg.metrics.convention, hd95=cfg.train.val_hd95)
+        if cfg.train.tune_postprocessing:  # cropped to the tumour: validation does not hold every case
+            predictions.append(tune_case(pred, ref, case.geometry.model_spacing, cache.task))
         if info.is_main and i == 0:
             panel = validation_panel(case_id, case, pred, ref, channels[0], cache.task, results[case_id])
     merged = {}
     for part in dist.all_gather_objects(results):
         merged.update(part)
-    return (merged, panel) if info.is_main else ({}, None)
+    return (merged, panel, predictions) if info.is_main else ({}, None, predictions)
 
 
 def validation_panel(case_id: str, case, pred: np.ndarray, ref: np.ndarray, channel: int, task,
@@ -655,13 +690,19 @@ def validation_panel(case_id: str, case, pred: np.ndarray, ref: np.ndarray, chan
     return as_chw(picture)
 
 
-def log_validation(logger, summary, mean_dice, best, per_case, panel, epoch, iteration, train_loss, lr) -> None:
+def log_validation(logger, summary, mean_dice, tuning, best, per_case, panel, epoch, iteration, train_loss,
+                   lr) -> None:
     scalars = {f"val/dice_{r}": summary[r]["dice"] for r in summary}
     scalars.update({f"val/hd95_{r}": summary[r]["hd95"] for r in summary if "hd95" in summary[r]})
     scalars.update({"val/dice_mean": mean_dice, "train/epoch_loss": train_loss})
     record = {"epoch": epoch, "iteration": iteration, "time": time.time(), "lr": lr, "train_loss": train_loss,
               "val": summary, "mean_dice": mean_dice, "best_dice": best["dice"], "best_epoch": best["epoch"],
               "cases": len(per_case)}
+    if tuning is not None:
+        scalars["val/dice_mean_postprocessed"] = tuning.after
+        scalars.update({f"val/dice_{r}_postprocessed": dice for r, dice in tuning.regions_after.items()})
+        record["postprocessing"] = {"rules": tuning.rules.to_dict(), "mean_dice": tuning.after,
+                                    "dice": tuning.regions_after}
     logger.validation(record, scalars, iteration)
     if panel is not None:
         logger.image("val/panel", panel, iteration)
@@ -674,9 +715,10 @@ def counters(epoch: int, epoch_iter: int, iteration: int, best: dict, skipped: i
 
 
 def save_training_state(out_dir: Path, info: dist.DistInfo, cfg, cache, mode: str, model, optimizer, schedule,
-                        scaler, progress: dict, best_too: bool = False) -> None:
+                        scaler, progress: dict, best_too: bool = False, postprocessing: dict | None = None) -> None:
     """Every rank: gather the RNG states (for an exact resume); rank 0: write ``last.pt`` (and
-    ``best.pt``) atomically, so the previous file stays until the new one is complete."""
+    ``best.pt``) atomically, so the previous file stays until the new one is complete. With
+    ``postprocessing`` (the rules tuned on the last validation) infer.py applies them by default."""
     rng = dist.all_gather_objects(rng_state(info.device))
     if info.is_main:
         state = {
@@ -684,7 +726,7 @@ def save_training_state(out_dir: Path, info: dist.DistInfo, cfg, cache, mode: st
             "spacing": list(cache.spacing) if cache.spacing else None, "output_mode": mode,
             "model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": schedule.state_dict(), "scaler": scaler.state_dict(), **progress, "rng": rng,
-            "world_size": info.world_size,
+            "world_size": info.world_size, "postprocessing": postprocessing,
         }
         save_checkpoint(state, out_dir / "last.pt")
         if best_too:

@@ -10,8 +10,17 @@
 2. End to end: ``infer.py`` on the case without its seg file (read, brain crop + z-score,
    sliding window on the crop, softmax, argmax, write the NIfTI mask in the input geometry; no
    metrics), TTA off and on (on the GPU the 8 flips share the windows' forward passes, on the CPU
-   they run one after another), with infer.py's read / predict / write split; timed alternately
-   with MONAI's cropped pipeline (step 4) when MONAI is there, so machine load affects both alike.
+   they run one after another), with infer.py's read / predict / write split, for each backend of
+   the network (``end_to_end_backends``): PyTorch eager (``infer.backend=torch``), the same with
+   the network and its windows in ``channels_last_3d`` (``torch_channels_last``), ONNX Runtime on
+   the checkpoint exported once by ``export.py``'s code (``onnxruntime``: ``infer.py --checkpoint
+   unet.onnx``), and the .pt with ``infer.backend=onnxruntime`` (``onnxruntime_in_memory``: the
+   export inside every run, ``--no-in-memory`` skips it). All timed alternately with MONAI's
+   cropped pipeline (step 4) when MONAI is there, so machine load affects all of them alike.
+   ``end_to_end`` is the default path (infer.py with the .pt). ``network_one_batch`` times the
+   network alone on one batch of ``--sw-batch-size`` windows in the three backends, and
+   ``onnxruntime_agreement`` compares ONNX Runtime with PyTorch on the whole volume (step 3's
+   sliding window): max abs probability difference and the fraction of identical argmax voxels.
 3. Sliding window alone on the whole z-scored volume (no crop; ours takes the softmax of each
    window before blending, as nnU-Net, MONAI blends logits and takes it once): windows/s for the
    U-Net and for a one-layer pointwise network (``Conv3d(4, 4, 1)``), whose time is almost all
@@ -54,6 +63,8 @@ from datasets.io import read_case  # noqa: E402
 from datasets.preprocess import bounding_box, brain_mask, zscore_in_mask  # noqa: E402
 from engine import sliding_window  # noqa: E402
 from engine.checkpoint import save_checkpoint  # noqa: E402
+from engine.onnx_export import exporter_available, export_network  # noqa: E402
+from engine.predict import auto_backend, load_model  # noqa: E402
 from engine.config import Config, to_dict  # noqa: E402
 from engine.task import builtin_tasks  # noqa: E402
 from engine.sliding_window import FLIP_DIMS, sliding_window_predict, window_starts  # noqa: E402
@@ -92,20 +103,104 @@ def test_folder(case, work: Path) -> Path:
     return folder.parent
 
 
-def end_to_end_fn(ckpt: Path, data: Path, out: Path, tta: bool, logs: list[str]):
-    """``fn()`` running ``infer.main`` on the case (its printed lines appended to ``logs``)."""
+class ChannelsLast(nn.Module):
+    """``model`` with its weights and every input in ``channels_last_3d`` (as train.py trains)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.to(memory_format=torch.channels_last_3d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.contiguous(memory_format=torch.channels_last_3d))
+
+
+@contextlib.contextmanager
+def channels_last_inference():
+    """infer.py's networks wrapped in ``ChannelsLast`` while the block runs."""
+    load = infer.load_models
+
+    def load_channels_last(*args, **kwargs):
+        models, spec = load(*args, **kwargs)
+        return [ChannelsLast(m) for m in models], spec
+
+    infer.load_models = load_channels_last
+    try:
+        yield
+    finally:
+        infer.load_models = load
+
+
+def end_to_end_fn(ckpt: Path, data: Path, out: Path, tta: bool, logs: list[str], backend: str = "torch",
+                  channels_last: bool = False):
+    """``fn()`` running ``infer.main`` on the case (its printed lines appended to ``logs``) with
+    ``infer.backend=backend`` (an .onnx ``ckpt`` always runs in ONNX Runtime)."""
     argv = ["--checkpoint", str(ckpt), "-i", str(data), "-o", str(out), "--overwrite",
-            f"infer.tta={str(tta).lower()}"]
+            f"infer.tta={str(tta).lower()}", f"infer.backend={backend}"]
 
     def run():
         stdout = io.StringIO()
-        with contextlib.redirect_stdout(stdout):
+        with contextlib.redirect_stdout(stdout), (channels_last_inference() if channels_last
+                                                  else contextlib.nullcontext()):
             code = infer.main(argv)
         if code:
             raise RuntimeError(f"infer.py exited with {code}")
         logs.append(stdout.getvalue())
 
     return run
+
+
+def export_onnx(ckpt: Path, work: Path) -> tuple[Path | None, dict]:
+    """``(unet.onnx, report)``: the checkpoint exported as export.py does (verified against
+    PyTorch), or ``(None, {"skipped": why})`` without the ONNX packages."""
+    if not exporter_available():
+        return None, {"skipped": "onnx, onnxscript or onnxruntime is not importable (pip install -r "
+                                 "requirements-test.txt)"}
+    import onnxruntime
+
+    model, spec = load_model(ckpt)
+    data, report = export_network(model, spec, where=str(ckpt))
+    path = work / "unet.onnx"
+    path.write_bytes(data)
+    return path, {**report, "onnxruntime": onnxruntime.__version__, "megabytes": round(len(data) / 1e6, 2)}
+
+
+def network_one_batch(model: nn.Module, onnx_path: Path | None, args, device) -> dict:
+    """Seconds of the network alone on one batch of ``sw_batch_size`` windows: PyTorch eager,
+    channels_last_3d, ONNX Runtime (alternated); speedups over eager."""
+    from engine.onnx_model import OnnxModel
+
+    batch = torch.randn((args.sw_batch_size, len(MODALITIES)) + args.window, generator=torch.Generator().manual_seed(0))
+    batch = batch.to(device)
+    fast = ChannelsLast(build_model(unet_config(args).model, len(MODALITIES), 4, args.window)).to(device).eval()
+    fast.model.load_state_dict(model.state_dict())
+    runners = {"torch": model, "torch_channels_last": fast}
+    if onnx_path is not None:
+        runners["onnxruntime"] = OnnxModel(onnx_path, device)
+
+    def call(net):
+        def fn():
+            with torch.inference_mode():
+                net(batch)
+        return fn
+
+    timings = measure_alternating({k: call(v) for k, v in runners.items()}, args.repeats, args.warmup, args.budget,
+                                  device)
+    out = {"windows": args.sw_batch_size, **{f"{k}_seconds": v for k, v in timings.items()}}
+    for name in list(timings)[1:]:
+        out[f"speedup_{name}_over_torch"] = ratio(timings["torch"]["median_s"], timings[name]["median_s"], 2)
+    return out
+
+
+def onnxruntime_agreement(model: nn.Module, onnx_path: Path, volume: torch.Tensor, args, device) -> dict:
+    """PyTorch vs ONNX Runtime on the whole volume (softmax probabilities blended by the sliding window)."""
+    from engine.onnx_model import OnnxModel
+
+    probs = [sliding_window_predict(net, volume, args.window, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
+                                    mode="labels", device=device, precision=args.precision).cpu()
+             for net in (model, OnnxModel(onnx_path, device))]
+    return {"max_abs_probability_difference": float((probs[0] - probs[1]).abs().max()),
+            "identical_argmax_fraction": float((probs[0].argmax(0) == probs[1].argmax(0)).double().mean()),
+            "voxels": int(probs[0][0].numel())}
 
 
 def infer_split(log_text: str) -> dict:
@@ -197,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sw-batch-size", type=int, default=2)
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast on CUDA")
     parser.add_argument("--no-tta", action="store_true", help="skip the TTA runs (8x the windows)")
+    parser.add_argument("--no-in-memory", action="store_true",
+                        help="skip the .pt run with infer.backend=onnxruntime (its export is inside every run)")
     args = parser.parse_args(argv)
     device = setup(args)
     args.device = str(device)
@@ -221,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
                                 "model": model.cpu().state_dict()},
                                work / "unet.pt")
         model.to(device)
+        onnx_path, report["onnx_export"] = export_onnx(ckpt, work)
+        report["infer_backend_auto_one_case"] = {  # what infer.backend=auto picks for this run of one case
+            key: auto_backend([ckpt], device, len(FLIP_DIMS) if tta else 1)[0]
+            for key, tta in (("tta_off", False), ("tta_on", True))}
         images, _, _ = read_case(case, TASK, MODALITIES, with_label=False)
         mask = brain_mask(images)
         box = bounding_box(mask)
@@ -232,19 +333,33 @@ def main(argv: list[str] | None = None) -> int:
 
         with torch.inference_mode():  # first-call allocations and kernel choices, once for all timings
             model(torch.zeros((args.sw_batch_size, len(MODALITIES)) + args.window, device=device))
-        # ---- end to end: ours (infer.py) and MONAI with CropForeground, timed alternately, TTA off / on ----
+        report["network_one_batch"] = network_one_batch(model, onnx_path, args, device)
+        log(f"network alone, one batch of windows: {report['network_one_batch']}")
+        # ---- end to end: ours (infer.py, each backend) and MONAI with CropForeground, alternated, TTA off / on ----
         data = test_folder(case, work)
-        report["end_to_end"], report["monai_end_to_end"] = {}, {}
+        report["end_to_end"], report["end_to_end_backends"], report["monai_end_to_end"] = {}, {}, {}
         for tta in ttas:
             key = "tta_on" if tta else "tta_off"
-            logs: list[str] = []
-            fns = {"ours": end_to_end_fn(ckpt, data, work / "out", tta, logs)}
+            logs: dict[str, list[str]] = {}
+            fns = {}
+            for name, path, backend, last in (
+                    ("torch", ckpt, "torch", False), ("torch_channels_last", ckpt, "torch", True),
+                    ("onnxruntime", onnx_path, "torch", False),  # an .onnx always runs in ONNX Runtime
+                    ("onnxruntime_in_memory", ckpt if onnx_path and not args.no_in_memory else None, "onnxruntime",
+                     False)):
+                if path is None:
+                    continue
+                logs[name] = []
+                fns[name] = end_to_end_fn(path, data, work / "out", tta, logs[name], backend, last)
             if monai:
                 fns["monai"] = monai_end_to_end_fn(case, model, work / "monai_out", tta, True, args)
             timings = measure_alternating(fns, args.repeats, args.warmup if not tta else 0,
                                           args.budget * len(fns), device)
-            report["end_to_end"][key] = {"seconds": timings["ours"], **infer_split(logs[-1])}
-            log(f"ours end to end {key}: {report['end_to_end'][key]}")
+            for name in logs:
+                entry = {"seconds": timings[name], **infer_split(logs[name][-1])}
+                report["end_to_end_backends"].setdefault(name, {})[key] = entry
+                log(f"ours end to end {name} {key}: {entry}")
+            report["end_to_end"][key] = report["end_to_end_backends"]["torch"][key]
             if monai:
                 report["monai_end_to_end"][f"crop_foreground_{key}"] = timings["monai"]
                 log(f"MONAI end to end crop_foreground_{key}: {timings['monai']}")
@@ -253,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
 
         # ---- sliding window alone on the whole volume: ours, MONAI ----
         volume = torch.from_numpy(zscore_in_mask(images, mask)).to(device)
+        if onnx_path is not None:
+            report["onnxruntime_agreement"] = onnxruntime_agreement(model, onnx_path, volume, args, device)
+            log(f"ONNX Runtime vs PyTorch, whole volume: {report['onnxruntime_agreement']}")
         monai_fns = {"unet": monai_infer_fn(model, args), "pointwise": monai_infer_fn(pointwise, args)} if monai else {}
         report["sliding_window_whole_volume"] = {}
         for name, net in (("pointwise", pointwise), ("unet", model)):
@@ -284,16 +402,32 @@ def main(argv: list[str] | None = None) -> int:
             log(f"MONAI end to end whole_volume_tta_off: {report['monai_end_to_end']['whole_volume_tta_off']}")
             report["agreement_max_abs_difference"] = agreement(model, volume, args, monai_fns["unet"])
             report["ratios_monai_over_ours"] = ratios(report)
+    report["end_to_end_speedups"] = backend_ratios(report)
     return finish(report, args, device, load_at_start)
+
+
+def median(entry: dict) -> float:
+    return entry["seconds"]["median_s"] if "seconds" in entry else entry["median_s"]
+
+
+def backend_ratios(report: dict) -> dict:
+    """End to end: each backend's speedup over PyTorch eager and, with MONAI, MONAI's cropped
+    pipeline over each backend (> 1: ours is faster)."""
+    out = {}
+    torch_entry, theirs = report["end_to_end_backends"]["torch"], report.get("monai_end_to_end", {})
+    for name, entries in report["end_to_end_backends"].items():
+        for key, entry in entries.items():
+            if name != "torch":
+                out[f"{name}_over_torch_{key}"] = ratio(median(torch_entry[key]), median(entry), 2)
+            if f"crop_foreground_{key}" in theirs:
+                out[f"monai_crop_foreground_over_{name}_{key}"] = ratio(median(theirs[f"crop_foreground_{key}"]),
+                                                                      median(entry), 2)
+    return out
 
 
 def ratios(report: dict) -> dict:
     """MONAI's median seconds over ours (> 1: ours is faster)."""
     ours, theirs = report["end_to_end"], report["monai_end_to_end"]
-
-    def median(entry):
-        return entry["seconds"]["median_s"] if "seconds" in entry else entry["median_s"]
-
     out = {}
     for key, (mine, other) in {
         "end_to_end_tta_off_vs_monai_crop_foreground": ("tta_off", "crop_foreground_tta_off"),

@@ -7,7 +7,10 @@ about 1e5 WT voxels) and a prediction that is shifted, eroded in places and has 
 enhancing island, as training classes 1 core, 2 edema, 3 enhancing (the class order of every
 glioma-like task; ``--task`` picks the regions and lesion rules). Reports the median seconds of
 ``case_metrics`` without surface metrics, with them (HD95 + NSD from one distance computation),
-and under the lesion-wise convention, plus the parts (confusion counts, HD95 of each region).
+and under the lesion-wise convention, plus the parts (confusion counts, HD95 of each region), and
+the seconds per case of choosing post-processing (``engine.tuning.tune_postprocessing``, what
+training adds to each validation) on this case and on a noisy one (60 stray enhancing voxels
+scattered over the volume: an early, untrained model), in both conventions.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import emit  # noqa: E402
 from engine.task import load_task  # noqa: E402
+from engine.tuning import tune_postprocessing  # noqa: E402
 from metrics import case_metrics, confusion_matrix, hd95  # noqa: E402
 
 SHAPE = (240, 240, 155)
@@ -47,6 +51,16 @@ def synthetic_case(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     pred[(shifted == 3) & ~ndimage.binary_erosion(shifted == 3, iterations=1)] = 1  # thinner rim
     pred[60:64, 60:64, 40:43] = 3  # stray enhancing island
     return pred, ref
+
+
+def tuning_seconds(pred, ref, spacing, task, repeats: int) -> dict[str, float]:
+    """Seconds of ``tune_postprocessing`` on the case alone and with 60 stray enhancing voxels."""
+    noisy = pred.copy()
+    strays = np.random.default_rng(1).integers(0, np.array(SHAPE)[:, None], size=(3, 60))
+    noisy[tuple(strays)] = 3
+    return {f"{name}_{convention}": median_time(lambda p=p, c=convention: tune_postprocessing(
+                [(p, ref, spacing)], task, c), repeats)
+            for name, p in (("case", pred), ("noisy", noisy)) for convention in ("legacy", "lesionwise")}
 
 
 def median_time(fn, repeats: int) -> float:
@@ -87,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             **{f"hd95_{name}_full_volume": median_time(lambda p=p, r=r: hd95(p, r, spacing), args.repeats)
                for name, (p, r) in region_masks.items()},
         },
+        "seconds_tuning_per_case": tuning_seconds(pred, ref, spacing, task, args.repeats),
         "scores_legacy": case_metrics(pred, ref, spacing, task),
         "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version(),
                     "numpy": np.__version__},

@@ -51,7 +51,7 @@ class DataConfig:
     seed: int = 12345  # seed of the k-fold shuffle
     synthetic_cases: int = 0  # if > 0 and root is missing, generate this many synthetic cases there
     synthetic_shape: list[int] = field(default_factory=lambda: [240, 240, 155])  # shape of generated cases
-    synthetic_task: str = "brats-gli-2021"  # task (naming, labels) of generated cases
+    synthetic_task: str = "auto"  # task (naming, labels) of generated cases; auto = data.task if it is a built-in task, else brats-gli-2021
 
 
 @dataclass
@@ -140,6 +140,7 @@ class TrainConfig:
     time_limit: float = 0.0  # minutes; stop cleanly after this (0 = no limit)
     checkpoint_every: int = 0  # iterations between saves of last.pt (bounds the work a preemption loses); 0 = at the end of every epoch
     log_every: int = 10  # iterations between TensorBoard scalar writes
+    tune_postprocessing: bool = True  # at each validation choose post-processing on the validation cases (engine/tuning.py); best.pt on the post-processed score
     cpu_threads: int = 0  # intra-op threads when training on the CPU (0 = torch default, one per core)
 
 
@@ -150,10 +151,13 @@ class InferConfig:
     tta: bool = False  # mirror test-time augmentation over all 8 axis flips
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast dtype on CUDA (fp16 before Ampere)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    backend: Literal["auto", "torch", "onnxruntime"] = "auto"  # runtime of a .pt network: onnxruntime = exported in memory when infer.py starts; auto = onnxruntime on the CPU from 8 network passes over cases (cases x 8 with TTA) when the ONNX packages are installed, else torch; .onnx models always run in ONNX Runtime
     gaussian_sigma: float = 0.125  # Gaussian importance sigma as a fraction of the window
     region_threshold: float = 0.5  # sigmoid threshold for region outputs
-    min_component_size: list[int] = field(default_factory=list)  # drop components smaller than this (voxels), one size per training region of the task (e.g. WT, TC, ET); empty or 0 = off
-    et_min_volume: int = 0  # relabel all of the task's enhancing label (ET) as its core label when its volume is below this (voxels); 0 = off
+    min_component_size: list[float] = field(default_factory=list)  # drop components smaller than this (infer.postprocess_unit), one size per training region of the task (e.g. WT, TC, ET); empty or 0 = off. Setting any post-processing key replaces the checkpoint's tuned rules
+    et_min_volume: float = 0.0  # relabel all of the task's enhancing label (ET) as its core label when its volume is below this (infer.postprocess_unit); 0 = off
+    postprocess_unit: Literal["voxels", "mm3"] = "voxels"  # unit of min_component_size and et_min_volume
+    largest_component: bool = False  # keep only the largest component of the outermost training region (WT)
     output_task: str = "auto"  # task whose label values are written; auto = each input case's (from its names and labels), else the checkpoint's
 
 

@@ -23,11 +23,9 @@ from engine.checkpoint import load_checkpoint, stored_task
 from engine.config import Config, ConfigError, InferConfig, from_dict, parse_override, to_dict
 from engine.errors import UserError
 from engine import distributed
-from engine.postprocess import check_postprocess
+from engine.postprocess import Rules, check_rules
 from engine.sliding_window import sliding_window_predict
 from engine.task import Task, TaskError
-from losses import output_mode
-from models import build_model
 
 # config sections that may be overridden at inference (the others shaped the trained model)
 OVERRIDABLE_SECTIONS = ("infer", "metrics")
@@ -49,11 +47,24 @@ class ModelSpec:
     mode: str
     modalities: tuple[str, ...]
     spacing: tuple[float, float, float] | None = None
+    postprocessing: dict | None = None  # {"rules": Rules.to_dict(), "source": "..."} tuned at training time
+
+
+def build_model(model_cfg, in_channels: int, out_channels: int, patch_size: Sequence[int] | None = None) -> nn.Module:
+    """``models.build_model``, imported when first needed: inference from an ONNX model never imports
+    the training code (``models``, ``losses``)."""
+    from models import build_model as build  # noqa: PLC0415
+    return build(model_cfg, in_channels, out_channels, patch_size=patch_size)
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelSpec]:
     """Rebuild one checkpoint's model from its stored config: ``(model in eval mode, spec)``.
-    ``UserError`` naming ``path`` for anything wrong with the checkpoint."""
+    ``UserError`` naming ``path`` for anything wrong with the checkpoint. An ``.onnx`` file (``export.py``)
+    gives an ``engine.onnx_model.OnnxModel`` (ONNX Runtime) and the spec of its metadata."""
+    if str(path).lower().endswith(".onnx"):
+        from engine.onnx_model import load_onnx_model  # noqa: PLC0415 (needs onnxruntime: only for .onnx)
+        return load_onnx_model(path, device)
+    from losses import output_mode  # noqa: PLC0415 (training code: not on the ONNX path)
     state = load_checkpoint(path, map_location="cpu")
     try:
         cfg = from_dict(state["config"])
@@ -72,7 +83,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn
         first = " ".join(str(err).split())[:200]
         raise UserError(f"{path}: weights do not fit the model built from its config ({first})") from None
     spacing = tuple(float(s) for s in state["spacing"]) if state.get("spacing") else None
-    return model.to(device).eval(), ModelSpec(cfg, task, mode, modalities, spacing)
+    return model.to(device).eval(), ModelSpec(cfg, task, mode, modalities, spacing, state.get("postprocessing"))
 
 
 def load_models(checkpoint_paths: Sequence[str | Path], device: torch.device | str = "cpu"
@@ -81,22 +92,85 @@ def load_models(checkpoint_paths: Sequence[str | Path], device: torch.device | s
 
     Every member must agree with the first on input modalities, output mode, task (classes and
     regions) and window (``data.patch_size``); otherwise a ``UserError`` names the checkpoint that
-    differs.
+    differs. ``.onnx`` members run in ONNX Runtime; ``choose_backend`` decides for ``.pt`` ones.
     """
     if not checkpoint_paths:
         raise UserError("no checkpoint given")
-    models, keys = [], []
+    models, specs = [], []
     for path in checkpoint_paths:
         model, spec = load_model(path, device)
         models.append(model)
-        keys.append((path, spec, _ensemble_key(spec)))
-    first_path, spec, first_key = keys[0]
-    for path, _, key in keys[1:]:
-        for what, value in key.items():
+        specs.append(spec)
+    check_ensemble(checkpoint_paths, specs)
+    return models, specs[0]
+
+
+# infer.backend=auto exports a .pt network in memory and runs it in ONNX Runtime on the CPU when the
+# run has at least this many network passes over a case (cases x 8 with TTA). Measured on full-size
+# cases (README, Deployment): the export costs 8-10 s; ONNX Runtime saves 1.1 s per pass of the 88 k
+# U-Net and 5.5 s per pass of the 31 M U-Net (2 threads), so 8 passes pay for it with either.
+AUTO_MIN_PASSES = 8
+
+
+def auto_backend(paths: Sequence[str | Path], device: torch.device, passes: int) -> tuple[str, str]:
+    """``(backend, why)`` for ``infer.backend=auto``: ``onnxruntime`` on the CPU for ``passes`` >=
+    ``AUTO_MIN_PASSES`` when the exporter and ONNX Runtime are installed, else ``torch``."""
+    from engine.onnx_export import exporter_available  # noqa: PLC0415 (imports no optional package)
+    if device.type != "cpu":
+        return "torch", f"device {device.type}"
+    if all(str(p).lower().endswith(".onnx") for p in paths):
+        return "torch", "ONNX models"
+    if passes < AUTO_MIN_PASSES:
+        return "torch", f"{passes} network pass(es) over cases: fewer than the {AUTO_MIN_PASSES} that pay for an export"
+    if not exporter_available():
+        return "torch", "onnx, onnxscript or onnxruntime not installed"
+    return "onnxruntime", f"{passes} network passes over cases on the CPU"
+
+
+def choose_backend(models: Sequence[nn.Module], paths: Sequence[str | Path], spec: ModelSpec, backend: str,
+                   device: torch.device, passes: int = 1) -> list[nn.Module]:
+    """The networks that will run. ``.onnx`` models run in ONNX Runtime whatever ``backend`` says; a
+    ``.pt`` network runs in PyTorch (``torch``), or is exported in memory (nothing is written; a line
+    says so and what it cost) and runs in ONNX Runtime on ``device`` (``onnxruntime``); ``auto``
+    picks by ``auto_backend`` from the run's number of network ``passes`` over cases, and stays in
+    PyTorch when the export fails. ``UserError`` when ``onnxruntime`` is asked for and a network
+    cannot be exported (a package missing, an unsupported network)."""
+    why = f"infer.backend={backend}"
+    if backend == "auto":
+        backend, reason = auto_backend(paths, device, passes)
+        why = f"infer.backend=auto: {reason}"
+    if backend == "torch":
+        return list(models)
+    from engine.onnx_export import export_network  # noqa: PLC0415 (optional packages: only when asked for)
+    from engine.onnx_model import OnnxModel  # noqa: PLC0415
+    chosen = list(models)
+    for i, (model, path) in enumerate(zip(models, paths)):
+        if str(path).lower().endswith(".onnx"):
+            continue
+        try:
+            data, report = export_network(model, spec, verify=False, where=str(path))
+        except UserError as err:
+            if not why.startswith("infer.backend=auto"):
+                raise
+            print(f"{path}: stays in PyTorch ({why}, but {err})", flush=True)
+            continue
+        chosen[i] = OnnxModel(data, device, where=f"{path} (exported in memory)").eval()
+        size = sum(p.numel() for p in model.parameters())
+        print(f"{path}: the network ({size / 1e6:.1f} M parameters) runs in ONNX Runtime "
+              f"({', '.join(chosen[i].providers)}; {why}; exported in memory in "
+              f"{report['seconds']:.1f} s; export.py once saves that)", flush=True)
+    return chosen
+
+
+def check_ensemble(paths: Sequence[str | Path], specs: Sequence[ModelSpec]) -> None:
+    """``UserError`` naming the first member whose modalities, output mode, task, spacing or window
+    differ from the first member's."""
+    first_key = _ensemble_key(specs[0])
+    for path, spec in zip(paths[1:], specs[1:]):
+        for what, value in _ensemble_key(spec).items():
             if value != first_key[what]:
                 shown = value if what != "task classes and regions" else f"{value[0]}"
-                raise UserError(f"{path}: {what} {shown} differs from {first_path}; ensemble members must agree")
-    return models, spec
+                raise UserError(f"{path}: {what} {shown} differs from {paths[0]}; ensemble members must agree")
 
 
 def _ensemble_key(spec: ModelSpec) -> dict:
@@ -136,7 +210,7 @@ def check_infer_config(infer_cfg: InferConfig, task: Task) -> None:
         if bad:
             raise ConfigError(f"infer.{key}: {getattr(infer_cfg, key)!r} {rule}")
     try:
-        check_postprocess(task, infer_cfg.min_component_size, infer_cfg.et_min_volume)
+        check_rules(task, Rules.from_config(infer_cfg))
     except ValueError as err:
         raise ConfigError(str(err)) from None
 

@@ -234,6 +234,27 @@ def test_inference(runs):
     for entry in report["end_to_end"].values():
         assert_timing(entry["seconds"])
         assert all(entry[part] >= 0 for part in ("read", "predict", "write"))  # infer.py's split, 0.1 s steps
+    # the network's backends side by side: PyTorch eager, channels_last, ONNX Runtime (the exported .onnx);
+    # infer.backend=auto keeps this tiny network in PyTorch, so the default path is the eager column
+    onnx = "skipped" not in report["onnx_export"]  # the ONNX packages (requirements-test.txt) are there
+    backends = ("torch", "torch_channels_last") + (("onnxruntime", "onnxruntime_in_memory") if onnx else ())
+    assert set(report["end_to_end_backends"]) == set(backends)
+    assert report["end_to_end"] == report["end_to_end_backends"]["torch"]
+    for entries in report["end_to_end_backends"].values():
+        assert set(entries) == {"tta_off", "tta_on"}
+        for entry in entries.values():
+            assert_timing(entry["seconds"])
+    assert set(report["end_to_end_speedups"]) == {f"{name}_over_torch_{key}" for name in backends[1:]
+                                                  for key in ("tta_off", "tta_on")}
+    network = report["network_one_batch"]
+    assert network["windows"] == 2
+    for name in backends[:3]:
+        assert_timing(network[f"{name}_seconds"])
+    if onnx:
+        assert report["onnx_export"]["window"] == [32, 32, 32]
+        assert report["onnx_export"]["max_abs_probability_difference"] <= 1e-3
+        agreement = report["onnxruntime_agreement"]
+        assert agreement["max_abs_probability_difference"] <= 1e-3 and agreement["identical_argmax_fraction"] >= 0.999
     for name in ("pointwise", "unet"):
         entry = report["sliding_window_whole_volume"][name]
         assert entry["windows"] == 4
@@ -317,6 +338,9 @@ def test_metrics_cpu(runs):
     assert set(report["seconds_parts"]) == {"confusion_matrix", "hd95_WT_full_volume", "hd95_TC_full_volume",
                                             "hd95_ET_full_volume"}
     assert all(s > 0 for s in [*report["seconds_per_case"].values(), *report["seconds_parts"].values()])
+    assert set(report["seconds_tuning_per_case"]) == {f"{case}_{convention}" for case in ("case", "noisy")
+                                                      for convention in ("legacy", "lesionwise")}
+    assert all(s > 0 for s in report["seconds_tuning_per_case"].values())
     voxels = report["voxels"]
     assert voxels["WT_ref"] > voxels["TC_ref"] > voxels["ET_ref"] > 0  # nested regions
     for region in ("WT", "TC", "ET"):

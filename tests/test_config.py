@@ -71,7 +71,7 @@ def test_old_keys_in_a_yaml_file_are_migrated_with_a_warning(tmp_path, caplog):
                                  "infer": {"output_convention": "auto"},
                                  "metrics": {"lesion_dilation": 1, "lesion_min_volume": 2.0}})
     cfg = load_config(path)
-    assert cfg.data.task == "brats-gli-2023" and cfg.data.synthetic_task == "brats-gli-2021"
+    assert cfg.data.task == "brats-gli-2023" and cfg.data.synthetic_task == "brats-gli-2021"  # as written
     assert cfg.infer.output_task == "auto"
     assert "data.label_convention is now data.task (brats-gli-2023)" in caplog.text
     assert "metrics.lesion_dilation is no longer a config key" in caplog.text

@@ -283,3 +283,53 @@ def test_every_region_of_the_task_is_reported(tmp_path, name, prefix):
     assert all(report["cases"][prefix][r]["dice"] == 1.0 for r in task.region_names)
     csv_regions = [line.split(",")[1] for line in (pred_dir / "evaluation.csv").read_text().splitlines()[1:]]
     assert csv_regions == list(task.region_names)
+
+
+def test_tune_postprocessing_writes_rules_infer_reads(tmp_path, capsys):
+    """Two prediction folders (two folds' validation cases) scored together. Case A: no ET in the
+    reference, 2 stray ET voxels (8 mm^3) predicted; case B: a real 12-voxel (24 mm^3) ET. The rules
+    written must remove A's ET, keep B's, and be readable by infer.py --postprocessing."""
+    ref_dir = tmp_path / "ref"
+    no_et = classes_volume()
+    no_et[no_et == 3] = 1
+    save(to_labels(no_et, "2023"), ref_dir / f"{A}.nii.gz")
+    save(to_labels(classes_volume(), "2023"), ref_dir / f"{B}.nii.gz")
+    stray = no_et.copy()
+    stray[7, 7, 4:6] = 3
+    save(to_labels(stray, "2023"), tmp_path / "fold0" / f"{A}.nii.gz")
+    save(to_labels(classes_volume(), "2023"), tmp_path / "fold1" / f"{B}.nii.gz")
+    rules_path = tmp_path / "rules.json"
+    code = run_cli_code(["--pred", str(tmp_path / "fold0"), "--pred", str(tmp_path / "fold1"),
+                         "--ref", str(ref_dir), "--tune-postprocessing", str(rules_path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "2 cases, task brats-gli-2023, legacy convention" in out and str(rules_path) in out
+    record = json.loads(rules_path.read_text())
+    assert record["dice_before"]["ET"] == 0.5 and record["dice_after"]["ET"] == 1.0
+    assert record["mean_dice_before"] == pytest.approx(5 / 6) and record["mean_dice_after"] == 1.0
+    assert "tuned on 2 validation case(s)" in record["source"]
+    assert not (tmp_path / "fold0" / "evaluation.json").exists()  # the rules file instead of a report
+
+    from engine.postprocess import postprocess_classes
+    from infer import read_postprocessing
+    task = TASKS["brats-gli-2023"]
+    rules, source = read_postprocessing(rules_path, task)
+    assert rules.unit == "mm3" and source == record["source"]  # both units separate them: mm^3 wins the tie
+    spacing = (1.0, 1.0, 2.0)
+    assert not (postprocess_classes(stray, task, rules, spacing) == 3).any()  # the stray ET: gone
+    assert (postprocess_classes(classes_volume(), task, rules, spacing) == 3).sum() == 12  # the real one: kept
+
+
+def test_the_same_case_in_two_prediction_folders_is_refused(tmp_path, flat, capsys):
+    pred, ref = flat
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / f"{A}.nii.gz").write_bytes((pred / f"{A}.nii.gz").read_bytes())
+    line = run_error(["--pred", str(pred), "--pred", str(other), "--ref", str(ref)], capsys)
+    assert f"case {A} is also predicted in {pred}" in line
+
+
+def run_cli_code(argv) -> int:
+    with pytest.raises(SystemExit) as exc:
+        run_cli(evaluate.main, argv)
+    return exc.value.code

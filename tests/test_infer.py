@@ -410,8 +410,8 @@ def test_predictions_json_records_what_wrote_the_masks(tmp_path, threshold_net, 
     digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
     assert record["checkpoints"] == [{"path": str(ckpt.resolve()), "sha256": digest}]
     assert record["task"] == "brats-gli-2021" and record["output_task"].startswith("auto")
-    assert record["settings"]["infer.tta"] is True and record["settings"]["infer.et_min_volume"] == 0
-    assert {"infer.overlap", "infer.output_task", "infer.min_component_size"} <= set(record["settings"])
+    assert record["settings"]["infer.tta"] is True and record["settings"]["postprocessing.et_min_volume"] == 0
+    assert {"infer.overlap", "infer.output_task", "postprocessing.min_component_size"} <= set(record["settings"])
     assert not {"infer.device", "infer.sw_batch_size", "infer.precision"} & set(record["settings"])
     assert datetime.fromisoformat(record["time"]).tzinfo is not None
     assert record["cases"] == [ids[0]]
@@ -465,7 +465,7 @@ def test_masks_of_other_mask_settings_are_refused(tmp_path, threshold_net, capsy
     capsys.readouterr()
     assert run_main(base + ["infer.et_min_volume=5", "infer.tta=true"]) == 2
     line = one_error_line(capsys)
-    assert "infer.et_min_volume=0 there, 5 now" in line and "infer.tta=false there, true now" in line
+    assert "postprocessing.et_min_volume=0.0 there, 5.0 now" in line and "infer.tta=false there, true now" in line
     assert "sha256" not in line  # the same checkpoint: only the settings differ
 
 
@@ -814,3 +814,66 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="CUDA is not available"):
             resolve_device("cuda:0")
+
+
+# ----------------------------------------------------------------------------------------------
+# Post-processing: tuned rules in the checkpoint, a rules file, infer.* overrides
+# ----------------------------------------------------------------------------------------------
+ALL_ET_TO_NETC = {"rules": {"min_component_size": [], "et_min_volume": 1e9, "unit": "voxels",
+                            "largest_component": False}, "source": "a test: any ET is too small"}
+
+
+def tuned_threshold_checkpoint(path: Path) -> Path:
+    state = checkpoint_state("2021", "labels", ThresholdNet(4), tiny_config())
+    return save_checkpoint({**state, "postprocessing": ALL_ET_TO_NETC}, path)
+
+
+def written_labels(out: Path, cid: str) -> set[int]:
+    return set(np.unique(np.asarray(nib.load(out / f"{cid}.nii.gz").dataobj)).tolist())
+
+
+@pytest.mark.parametrize("how, et_written, source", [
+    ("default", False, "a test: any ET is too small"),  # the checkpoint's tuned rules
+    ("override", True, "infer.* overrides"),  # any infer.* post-processing key replaces them
+    ("file", True, "rules.json: off by file"),  # --postprocessing FILE replaces them
+    ("ensemble", True, "an ensemble"),  # members tuned on different cases: none without a file
+])
+def test_tuned_postprocessing_is_applied_unless_replaced(tmp_path, threshold_net, capsys, how, et_written, source):
+    ckpt = tuned_threshold_checkpoint(tmp_path / "model.pt")
+    cid = write_cases(tmp_path / "data", 1)[0]
+    out = tmp_path / "out"
+    argv = ["--checkpoint", ckpt, "-i", tmp_path / "data", "-o", out]
+    if how == "override":
+        argv.append("infer.et_min_volume=0")
+    elif how == "file":
+        (tmp_path / "rules.json").write_text(json.dumps({"rules": {}, "source": "off by file"}))
+        argv += ["--postprocessing", tmp_path / "rules.json"]
+    elif how == "ensemble":
+        argv += ["--checkpoint", tuned_threshold_checkpoint(tmp_path / "model2.pt")]
+    assert run_main(argv) == 0
+    stdout = capsys.readouterr().out
+    line = next(l for l in stdout.splitlines() if l.startswith("post-processing: "))
+    assert source in line
+    labels = written_labels(out, cid)
+    assert (4 in labels) is et_written and 1 in labels  # ET relabelled as the necrotic core, not dropped
+    settings = json.loads((out / "predictions.json").read_text())["settings"]
+    assert settings["postprocessing.et_min_volume"] == (0.0 if et_written else 1e9)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "post-processing file not found"),
+    ("{not json", "not a post-processing file"),
+    ('{"source": "no rules"}', "not a post-processing file"),
+    ('{"rules": {"min_component_size": [5, 5]}}', "3 sizes >= 0, one per training region"),
+])
+def test_bad_postprocessing_file_exits_2(tmp_path, threshold_net, capsys, content, message):
+    ckpt = threshold_checkpoint(tmp_path / "model.pt")
+    write_cases(tmp_path / "data", 1)
+    rules = tmp_path / "rules.json"
+    if content is not None:
+        rules.write_text(content)
+    assert run_main(["--checkpoint", ckpt, "-i", tmp_path / "data", "-o", tmp_path / "out",
+                     "--postprocessing", rules]) == 2
+    line = one_error_line(capsys)
+    assert str(rules) in line and message in line
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.nii.gz"))

@@ -1,6 +1,7 @@
 """Multi-node torchrun on localhost (CPU, gloo): two "nodes" with node-local caches, the same result
 as one node with two processes, and a worker killed mid-epoch under --max-restarts with --resume auto."""
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -47,9 +48,27 @@ def run_torchrun(launcher: list[str], tmp: Path, name: str, env: dict, overrides
                  script: list[str] = ("train.py",)) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", *launcher, *script, "-c", str(tmp / "tiny.yaml"),
                f"out_dir={tmp / name}", *overrides]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
+    process = start(command, env)
+    out, err = finish(process)
+    assert process.returncode == 0, err[-3000:]
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
+def start(command: list[str], env: dict) -> subprocess.Popen:
+    """torchrun in its own process group, so that ``finish`` can stop its workers too."""
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def finish(process: subprocess.Popen, timeout: float = 240) -> tuple[str, str]:
+    """``(stdout, stderr)``; past ``timeout`` the whole group is killed (workers waiting in a
+    collective would otherwise outlive the test) and the test fails."""
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout} s: {err[-2000:]}")
 
 
 def same_parameters(a: Path, b: Path) -> None:
@@ -61,12 +80,17 @@ def same_parameters(a: Path, b: Path) -> None:
 def test_two_nodes_with_node_local_caches_equal_one_node(setup):
     tmp, env = setup["tmp"], setup["env"]
     port = free_port()
-    launchers = [subprocess.Popen(
+    launchers = [start(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
          "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes", "train.py",
          "-c", str(tmp / "tiny.yaml"), f"out_dir={tmp / 'two_nodes'}", f"data.cache_dir={tmp / f'node{node}' / 'cache'}"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in (0, 1)]
-    outputs = [p.communicate(timeout=240) for p in launchers]
+        env) for node in (0, 1)]
+    try:
+        outputs = [finish(p) for p in launchers]
+    finally:
+        for p in launchers:  # one node failed: the other waits for it forever
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
     for p, (out, err) in zip(launchers, outputs):
         assert p.returncode == 0, err[-3000:]
     for node in (0, 1):  # each node built its own cache

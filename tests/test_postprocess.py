@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from engine.config import InferConfig
-from engine.postprocess import postprocess, postprocess_classes, remove_small_components
+from engine.postprocess import Rules, largest_component, postprocess_classes, remove_small_components
 from engine.task import builtin_tasks
 
 TASKS = builtin_tasks()
@@ -35,7 +35,7 @@ def test_remove_small_components_uses_26_connectivity():
 def test_defaults_are_off():
     rng = np.random.default_rng(0)
     classes = rng.integers(0, 4, size=(8, 8, 8)).astype(np.uint8)
-    out = postprocess(classes, InferConfig(), GLI)
+    out = postprocess_classes(classes, GLI, Rules.from_config(InferConfig()))
     assert np.array_equal(out, classes) and out is not classes
 
 
@@ -45,7 +45,7 @@ def test_small_wt_component_removed_with_everything_inside():
     blob(shape, [(4, 6), (4, 6), (4, 6)], ET, classes)             # ET inside it
     blob(shape, [(14, 16), (14, 16), (14, 16)], ED, classes)       # small tumour: 8 voxels
     blob(shape, [(14, 15), (14, 15), (14, 15)], ET, classes)       # with ET inside
-    out = postprocess_classes(classes, GLI, [10, 0, 0])
+    out = postprocess_classes(classes, GLI, Rules((10, 0, 0)))
     assert (out[14:16, 14:16, 14:16] == BG).all()
     assert np.array_equal(out[:10, :10, :10], classes[:10, :10, :10])
 
@@ -59,7 +59,7 @@ def test_small_tc_component_becomes_edema_and_small_et_becomes_ncr():
     classes[12, 12, 12] = ET
     blob(shape, [(16, 18), (2, 5), (2, 5)], NCR, classes)          # core of 18 with ET of 4
     blob(shape, [(16, 18), (2, 3), (2, 4)], ET, classes)
-    out = postprocess_classes(classes, GLI, [0, 9, 5])
+    out = postprocess_classes(classes, GLI, Rules((0, 9, 5)))
     assert (out[12:14, 12:14, 12:14] == ED).all()                 # TC (8 < 9) removed -> ED, its ET too
     assert (out[16:18, 2:3, 2:4] == NCR).all()                    # ET (4 < 5) removed -> NCR
     assert (out[16:18, 2:5, 2:5] == NCR).all()
@@ -78,7 +78,7 @@ def test_small_tc_component_becomes_edema_and_small_et_becomes_ncr():
 def test_et_min_volume(et_voxels, threshold, expected_et):
     classes = blob((10, 10, 10), [(0, 5), (0, 5), (0, 5)], NCR)   # 125 tumour-core voxels
     classes[tuple(np.argwhere(classes == NCR)[:et_voxels].T)] = ET
-    out = postprocess_classes(classes, GLI, et_min_volume=threshold)
+    out = postprocess_classes(classes, GLI, Rules(et_min_volume=threshold))
     assert (out == ET).sum() == expected_et
     assert (out == NCR).sum() == 125 - expected_et
     assert (out == ED).sum() == 0
@@ -89,20 +89,55 @@ def test_et_rule_applies_after_component_removal():
     classes = blob(shape, [(0, 6), (0, 6), (0, 6)], NCR)
     blob(shape, [(0, 3), (0, 3), (0, 3)], ET, classes)   # 27 ET voxels
     classes[5, 5, 5] = ET                                 # plus an isolated one
-    out = postprocess_classes(classes, GLI, [0, 0, 2], et_min_volume=28)
+    out = postprocess_classes(classes, GLI, Rules((0, 0, 2), 28))
     assert (out == ET).sum() == 0                         # 28 -> 27 after removal -> below 28 -> NCR
     assert (out == NCR).sum() == 216
 
 
-@pytest.mark.parametrize("kwargs", [dict(min_component_size=[1, 2]), dict(min_component_size=[0, -1, 0]),
-                                    dict(et_min_volume=-5)])
+@pytest.mark.parametrize("kwargs", [dict(min_component_size=(1, 2)), dict(min_component_size=(0, -1, 0)),
+                                    dict(et_min_volume=-5), dict(unit="litres")])
 def test_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError, match="infer."):
-        postprocess_classes(np.zeros((4, 4, 4), np.uint8), GLI, **kwargs)
+        postprocess_classes(np.zeros((4, 4, 4), np.uint8), GLI, Rules(**kwargs))
     with pytest.raises(ValueError):
         postprocess_classes(np.zeros((4, 4), np.uint8), GLI)
     with pytest.raises(ValueError, match="task brats-men-rt has no enhancing label"):
-        postprocess_classes(np.zeros((4, 4, 4), np.uint8), TASKS["brats-men-rt"], et_min_volume=10)
+        postprocess_classes(np.zeros((4, 4, 4), np.uint8), TASKS["brats-men-rt"], Rules(et_min_volume=10))
+
+
+def test_sizes_in_mm3_follow_the_spacing():
+    """A 3-voxel ET at 2 x 2 x 2 mm is 24 mm^3: relabelled below 25 mm^3, kept below 20 mm^3 (and, in
+    voxels, relabelled below 4)."""
+    classes = blob((8, 8, 8), [(0, 4), (0, 4), (0, 4)], NCR)
+    classes[0, 0, :3] = ET
+    spacing = (2.0, 2.0, 2.0)
+    assert (postprocess_classes(classes, GLI, Rules(et_min_volume=25, unit="mm3"), spacing) == ET).sum() == 0
+    assert (postprocess_classes(classes, GLI, Rules(et_min_volume=20, unit="mm3"), spacing) == ET).sum() == 3
+    assert (postprocess_classes(classes, GLI, Rules(et_min_volume=4), spacing) == ET).sum() == 0
+    # component sizes too: a 2-voxel TC piece (16 mm^3) goes below 17 mm^3 and stays below 16
+    classes = blob((10, 10, 10), [(0, 10), (0, 10), (0, 10)], ED)
+    classes[1, 1, 1:3] = NCR
+    assert (postprocess_classes(classes, GLI, Rules((0, 17, 0), unit="mm3"), spacing) == NCR).sum() == 0
+    assert (postprocess_classes(classes, GLI, Rules((0, 16, 0), unit="mm3"), spacing) == NCR).sum() == 2
+
+
+def test_largest_component_keeps_the_biggest_tumour_with_its_core():
+    shape = (20, 20, 20)
+    classes = blob(shape, [(1, 9), (1, 9), (1, 9)], ED)        # 512 voxels
+    blob(shape, [(3, 6), (3, 6), (3, 6)], ET, classes)
+    blob(shape, [(14, 18), (14, 18), (14, 18)], ED, classes)   # 64 voxels, with a core
+    blob(shape, [(15, 16), (15, 16), (15, 16)], NCR, classes)
+    out = postprocess_classes(classes, GLI, Rules(largest_component=True))
+    assert (out[12:, 12:, 12:] == BG).all() and np.array_equal(out[:10, :10, :10], classes[:10, :10, :10])
+    mask = np.zeros(shape, bool)
+    assert not largest_component(mask).any()
+
+
+def test_rules_round_trip_and_describe():
+    rules = Rules((0, 50, 0), 100, "mm3", True)
+    assert Rules.from_dict(rules.to_dict()) == rules and rules.active and not Rules().active
+    assert rules.describe(GLI) == "min component TC 50 mm3, ET below 100 mm3 -> NCR, largest WT component only"
+    assert Rules().describe(GLI) == "off"
 
 
 def test_a_region_outside_wt_is_handled_on_its_own():
@@ -114,7 +149,7 @@ def test_a_region_outside_wt_is_handled_on_its_own():
     blob(shape, [(2, 5), (2, 5), (2, 5)], ET, classes)
     blob(shape, [(7, 12), (1, 7), (1, 7)], RC, classes)             # big cavity touching it (180)
     blob(shape, [(13, 15), (13, 15), (13, 15)], RC, classes)        # small cavity (8)
-    out = postprocess_classes(classes, task, [0, 0, 0, 10])
+    out = postprocess_classes(classes, task, Rules((0, 0, 0, 10)))
     assert (out[13:15, 13:15, 13:15] == BG).all()
     assert np.array_equal(out[:12, :8, :8], classes[:12, :8, :8])
 
@@ -123,5 +158,5 @@ def test_ped_enhancing_label_becomes_netc():
     task = TASKS["brats-ped"]  # classes 1 ET, 2 NETC, 3 CC, 4 ED
     classes = blob((8, 8, 8), [(0, 4), (0, 4), (0, 4)], 2)
     classes[0, 0, :3] = 1
-    out = postprocess_classes(classes, task, et_min_volume=5)
+    out = postprocess_classes(classes, task, Rules(et_min_volume=5))
     assert (out == 1).sum() == 0 and (out == 2).sum() == 64

@@ -74,10 +74,10 @@ def args(base, out_dir, *overrides):
 
 def test_end_to_end_outputs(base):
     run_a, out = base["run_a"], base["stdout"]
-    assert "generating 5 synthetic cases" in out
+    assert "generating 5 synthetic cases of task brats-gli-2021, shape 32x32x24" in out
     assert "effective batch 2" in out
     assert f"epoch 1/{EPOCHS} [{ITERS}/{ITERS}] loss" in out  # progress as plain lines off a terminal
-    assert "final validation Dice: WT" in out
+    assert "final validation Dice: WT" in out and "; post-processed: WT" in out and "(best post-processed mean" in out
     assert f"python infer.py --checkpoint {run_a / 'best.pt'} -i " in out  # the next step, on the validation cases:
     assert f"--cases {run_a / 'split.json'}:val" in out
     for name in ("config.yaml", "split.json", "last.pt", "best.pt", "metrics.jsonl"):
@@ -98,14 +98,19 @@ def test_end_to_end_outputs(base):
     assert state["config"]["train"]["epochs"] == EPOCHS
     assert {"optimizer", "scheduler", "scaler", "rng", "best"} <= set(state)
     best = load_checkpoint(run_a / "best.pt")
-    assert best["best"]["dice"] == max(r["mean_dice"] for r in lines)
+    tuned = [r["postprocessing"] for r in lines]  # tuned at every validation (train.tune_postprocessing)
+    assert all(t["mean_dice"] >= r["mean_dice"] for t, r in zip(tuned, lines))  # never worse than none
+    assert best["best"]["dice"] == max(t["mean_dice"] for t in tuned)  # best.pt: the post-processed score
+    assert best["postprocessing"]["rules"] == tuned[best["best"]["epoch"] - 1]["rules"]
+    assert json.loads((run_a / "postprocessing.json").read_text()) == best["postprocessing"]
+    assert state["postprocessing"]["rules"] == tuned[-1]["rules"] and "tuned on" in state["postprocessing"]["source"]
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(run_a))
     events.Reload()
     scalars = set(events.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/patches_per_s", "val/dice_WT", "val/dice_TC", "val/dice_ET",
-            "val/dice_mean"} <= scalars
+            "val/dice_mean", "val/dice_mean_postprocessed", "val/dice_ET_postprocessed"} <= scalars
     assert "val/panel" in events.Tags()["images"]
     panel = events.Images("val/panel")[-1]  # the picture of the first validation case (engine/render.py)
     import numpy as np
@@ -527,6 +532,25 @@ def test_checkpoint_every_saves_mid_epoch(base, tmp_path):
                                                        ("last.pt", 6, 0)]
     code, _, err = run(args(base, tmp_path / "run_g", "train.checkpoint_every=-1"))
     assert code == 2 and "train.checkpoint_every" in err
+
+
+def test_tuning_off_stores_no_rules_and_ranks_by_the_raw_score(base, tmp_path):
+    run_h = tmp_path / "run_h"
+    code, out, err = run(args(base, run_h, "train.tune_postprocessing=false", "train.epochs=1"))
+    assert code == 0, err
+    assert "post-processed" not in out and not (run_h / "postprocessing.json").exists()
+    record = json.loads((run_h / "metrics.jsonl").read_text())
+    assert "postprocessing" not in record
+    best = load_checkpoint(run_h / "best.pt")
+    assert best["postprocessing"] is None and best["best"]["dice"] == record["mean_dice"]
+
+
+@pytest.mark.parametrize("task, synthetic, expected", [
+    ("auto", "auto", "brats-gli-2021"), ("brats-ped", "auto", "brats-ped"),  # the training task's cases
+    ("brats-ped", "brats-gli-2023", "brats-gli-2023"), ("my_task.yaml", "auto", "brats-gli-2021")])
+def test_generated_cases_follow_the_training_task(task, synthetic, expected):
+    from engine.config import DataConfig
+    assert train.synthetic_task(DataConfig(task=task, synthetic_task=synthetic)) == expected
 
 
 def test_resume_with_another_world_size_says_what_changes():
