@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from core.atomic import atomic_write_text, check_writable
+from core.errors import UserError, run_cli
+from core.task import CaseFacts, load_task
 from datasets.detect import choose_from_facts, file_label_values
 from datasets.io import discover_cases
-from engine.atomic import atomic_write_text, check_writable
-from engine.errors import UserError, run_cli
-from engine.task import CaseFacts, load_task
-from engine.tuning import tune_case, tune_postprocessing
+from inference.tuning import tune_case, tune_postprocessing
 from metrics import aggregate, evaluate_files, format_table, write_report
 from metrics.case import CONVENTIONS
 from metrics.files import nifti_files, pair_cases, read_classes, reference_files
@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="score only the references that have a prediction (the others are listed)")
     parser.add_argument("-j", "--workers", type=int, default=1, help="parallel processes (default: 1)")
     parser.add_argument("--tune-postprocessing", metavar="JSON",
-                        help="instead of a report: choose post-processing on these predictions (engine/tuning.py) "
+                        help="instead of a report: choose post-processing on these predictions (inference/tuning.py) "
                              "and write it here, for infer.py --postprocessing JSON")
     return parser.parse_args(argv)
 

@@ -9,7 +9,7 @@ Z)``, the window (``--window``, default the training patch size) fixed, the batc
 (windows and their TTA flips are batched). Its ``metadata_props`` hold the resolved config, the task
 (``Task.to_dict``), the modalities in channel order, the preprocessing (normalisation), the voxel
 spacing, the output mode (softmax labels or sigmoid regions) and how it decodes into labels, the
-window, post-processing tuned at training time and a format version (``engine/onnx_model.py``).
+window, post-processing tuned at training time and a format version (``inference/onnx_model.py``).
 
 Each export is checked with ``onnx.checker`` and, unless ``--no-verify``, by running one random
 window through PyTorch and ONNX Runtime: probabilities must agree within 1e-3 (the figure is
@@ -26,10 +26,10 @@ import hashlib
 import shlex
 from pathlib import Path
 
-from engine.atomic import atomic_write_bytes, check_writable
-from engine.errors import UserError, run_cli
-from engine.onnx_export import DEFAULT_OPSET, export_network
-from engine.predict import check_ensemble, load_model
+from core.atomic import atomic_write_bytes, check_writable
+from core.errors import UserError, run_cli
+from inference.onnx_export import DEFAULT_OPSET, export_network
+from inference.predict import check_ensemble, load_model
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -28,7 +28,7 @@ file with values outside the task fails the case. ``--save-probabilities`` also 
 ``OUTPUT/<case_id>_probs.nii.gz`` (4D, channel last); ``--png`` ``OUTPUT/<case_id>.png``, a
 picture of three orthogonal slices through the tumour (radiological convention) with the
 prediction (and reference) overlaid, the case's Dice line when it has a reference and a legend of
-the task's labels (``engine/render.py``). Only ``infer.*`` and ``metrics.*`` keys can be
+the task's labels (``inference/render.py``). Only ``infer.*`` and ``metrics.*`` keys can be
 overridden. A failing case among many is reported and skipped (exit code 1 at the end); bad input
 (checkpoint, empty folder, an unknown ``--cases`` id, an unwritable OUTPUT, checked before any
 work, a single bad case or a failed write of its outputs) exits 2 with one line.
@@ -53,18 +53,33 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from core.atomic import atomic_write_text, check_writable
+from core.config import Config, parse_override
+from core.errors import UserError, run_cli
+from core.task import Task, TaskError, display_channels, load_task
 from datasets.detect import case_facts, choose_from_facts, label_values, read_label_values
-from datasets.io import Case, CaseError, Geometry, discover_cases, read_case, to_original, write_probabilities, \
-    write_segmentation
+from datasets.io import (
+    Case,
+    CaseError,
+    Geometry,
+    discover_cases,
+    read_case,
+    to_original,
+    write_probabilities,
+    write_segmentation,
+)
 from datasets.preprocess import preprocess_case, restore_probabilities
-from engine.atomic import atomic_write_text, check_writable
-from engine.config import Config, parse_override
-from engine.errors import UserError, run_cli
-from engine.postprocess import Rules, check_rules, postprocess_classes
-from engine.predict import ModelSpec, choose_backend, load_models, override_infer_config, predict_case, resolve_device
-from engine.render import dice_line, render_case, save_png
-from engine.sliding_window import FLIP_DIMS
-from engine.task import Task, TaskError, display_channels, load_task
+from inference.postprocess import Rules, check_rules, postprocess_classes
+from inference.predict import (
+    ModelSpec,
+    choose_backend,
+    load_models,
+    override_infer_config,
+    predict_case,
+    resolve_device,
+)
+from inference.render import dice_line, render_case, save_png
+from inference.sliding_window import FLIP_DIMS
 from metrics import aggregate, case_metrics, evaluate_files, format_table, write_report
 
 PENDING_WRITES = 2  # predicted cases waiting for the writer thread before the prediction loop waits
@@ -105,7 +120,10 @@ class Run:
     output_task: Task | None  # infer.output_task when set, else each case's own task
     device: torch.device
     output: Path
-    args: argparse.Namespace
+    checkpoints: list[str]  # --checkpoint paths, in order
+    overwrite: bool = False  # --overwrite
+    png: bool = False  # --png
+    save_probabilities: bool = False  # --save-probabilities
     per_case: dict[str, dict] = field(default_factory=dict)  # case_id -> case_metrics(...)
     rules: Rules = field(default_factory=Rules)  # the post-processing applied (choose_postprocessing)
     configuration: dict = field(default_factory=dict)  # what makes the masks (mask_configuration)
@@ -128,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     cases = discover_cases(input_dir, [spec.task.label_file])
     if wanted is not None:
         cases = select_cases(cases, wanted, args.cases, input_dir)
-    run = Run(models, cfg, spec, output_task, device, output, args)
+    run = Run(models, cfg, spec, output_task, device, output, list(args.checkpoint), args.overwrite, args.png,
+              args.save_probabilities)
     run.rules, source = choose_postprocessing(args, cfg, spec)
     check_task_of_input(run, cases)
     run.configuration = mask_configuration(run)
@@ -298,7 +317,7 @@ def mask_configuration(run: Run) -> dict:
                 if key not in NOT_MASK_SETTINGS and key not in POSTPROCESS_KEYS}
     settings.update({f"postprocessing.{key}": value for key, value in run.rules.to_dict().items()})  # as applied
     return {
-        "checkpoints": [{"path": str(Path(p).resolve()), "sha256": file_sha256(p)} for p in run.args.checkpoint],
+        "checkpoints": [{"path": str(Path(p).resolve()), "sha256": file_sha256(p)} for p in run.checkpoints],
         "task": run.spec.task.name,
         "settings": json.loads(json.dumps(settings)),  # as it reads back from the file (tuples -> lists)
         "output_task": run.output_task.name if run.output_task else "auto (each case's own task)",
@@ -361,7 +380,7 @@ def check_output_folder(run: Run, cases: list[Case]) -> set[str]:
 
     existing = masks(case.case_id for case in cases)
     hint = "use --overwrite to predict them again, or another -o"
-    if run.args.overwrite:
+    if run.overwrite:
         others = masks(listed - {case.case_id for case in cases}) if diffs else []
         if others:
             say(f"note: {output} keeps {len(others)} mask(s) of other cases from another configuration "
@@ -526,7 +545,7 @@ def read_stage(run: Run, case: Case) -> Loaded:
         except ValueError as err:
             raise CaseError(f"{case.seg}: {err}") from None
     crop_images, _, geometry = preprocess_case(images, None, geometry, task, run.spec.spacing)
-    overlay = images[display_channels(run.spec.modalities)[0]] if run.args.png else None  # not all C channels
+    overlay = images[display_channels(run.spec.modalities)[0]] if run.png else None  # not all C channels
     return Loaded(case, task, run.output_task or task, overlay, crop_images, geometry, ref_classes,
                   time.perf_counter() - tick)
 
@@ -540,7 +559,7 @@ def predict_stage(run: Run, loaded: Loaded) -> tuple[np.ndarray, np.ndarray | No
     probs = restore_probabilities(probs, loaded.geometry)  # to the crop's own grid, before labels are decided
     classes = spec.task.decode(probs, spec.mode, cfg.infer.region_threshold).cpu().numpy()
     classes = postprocess_classes(classes, spec.task, run.rules, loaded.geometry.canonical_spacing)
-    kept = probs.cpu().numpy() if run.args.save_probabilities else None
+    kept = probs.cpu().numpy() if run.save_probabilities else None
     return classes, kept, time.perf_counter() - tick
 
 
@@ -568,7 +587,7 @@ def write_stage(run: Run, loaded: Loaded, classes: np.ndarray, probs: np.ndarray
                                cfg.metrics.convention, hd95=True)
         run.per_case[case.case_id] = metrics
         timing["metrics"] = time.perf_counter() - tick
-    if run.args.png:  # three slices through the tumour, prediction and reference rows, legend (engine/render.py)
+    if run.png:  # three slices through the tumour, prediction and reference rows, legend (inference/render.py)
         tick = time.perf_counter()
         picture = render_case(loaded.overlay, full_classes, loaded.ref_classes, geometry.affine, loaded.task,
                               case.case_id, subtitle=None if metrics is None else dice_line(metrics, loaded.task))

@@ -9,7 +9,7 @@
 Everything a run writes goes into ``cfg.out_dir`` (default ``runs/<config name>``): the resolved
 ``config.yaml``, ``split.json``, ``last.pt`` (every epoch), ``best.pt`` (best mean validation
 Dice over the task's regions, e.g. WT/TC/ET, after the post-processing chosen on the validation
-cases: ``engine/tuning.py``), ``postprocessing.json`` (those rules), ``metrics.jsonl`` (one line
+cases: ``inference/tuning.py``), ``postprocessing.json`` (those rules), ``metrics.jsonl`` (one line
 per validation) and TensorBoard event files. The task (``data.task``: labels, regions, evaluation rules) is detected
 from the data unless set, and stored in every checkpoint.
 
@@ -43,33 +43,33 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from core import distributed as dist
+from core.atomic import atomic_write_text, check_writable
+from core.checkpoint import load_checkpoint, save_checkpoint, stored_task, unwrap_model
+from core.config import ConfigError, apply_overrides, from_dict, load_config, parse_override, save_config, to_dict
+from core.errors import UserError, run_cli
+from core.logger import Progress, RunLogger
+from core.optim import LRSchedule, apply_hyperparameters, build_optimizer
+from core.task import builtin_tasks, display_channels, load_task, output_mode
 from datasets.augment import Augmenter
 from datasets.cache import prepare_cache
 from datasets.loader import build_train_loader
 from datasets.spatial import plan_strides, pooling_problem
 from datasets.split import load_split, make_split, save_split
 from datasets.synthetic import generate_dataset
-from engine import distributed as dist
-from engine.atomic import atomic_write_text, check_writable
-from engine.checkpoint import load_checkpoint, save_checkpoint, stored_task, unwrap_model
-from engine.config import ConfigError, apply_overrides, from_dict, load_config, parse_override, save_config, to_dict
-from engine.errors import UserError, run_cli
-from engine.logger import Progress, RunLogger
-from engine.optim import LRSchedule, apply_hyperparameters, build_optimizer
-from engine.predict import predict_case
-from engine.render import as_chw, dice_line, render_case
-from engine.task import builtin_tasks, display_channels, load_task
-from engine.tuning import tune_case, tune_postprocessing
-from losses import build_loss, output_mode
+from inference.predict import check_infer_config, predict_case
+from inference.render import as_chw, dice_line, render_case
+from inference.tuning import tune_case, tune_postprocessing
+from losses import build_loss
 from metrics import aggregate, case_metrics, means
 from models import build_model, count_parameters
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 # keys that must equal the checkpoint's on --resume (the weights / optimizer state depend on them)
 RESUME_FIXED = ("model", "data.modalities", "data.spacing", "loss.name", "train.optimizer", "train.iters_per_epoch")
 
@@ -111,243 +111,359 @@ def main(argv: list[str] | None = None) -> int:
         dist.cleanup()
 
 
-def train(cfg, info: dist.DistInfo, resume: dict | None, started: float, interrupt: "Interrupt") -> int:
-    device, is_main = info.device, info.is_main
-    if device.type == "cpu" and cfg.train.cpu_threads > 0:
-        torch.set_num_threads(cfg.train.cpu_threads)
-    log = print if is_main else (lambda *a, **k: None)
-    set_seeds(cfg.train.seed + info.rank, cfg.train.deterministic)
-    out_dir = Path(cfg.out_dir)
+@dataclasses.dataclass
+class Parts:
+    """What a run builds from its config before the first step (``build_parts``)."""
+    cache: Any  # datasets.cache.CacheIndex: preprocessed cases, their task, modalities and spacing
+    split: dict  # {"train": [case ids], "val": [case ids]}
+    loader: Any  # DataLoader of random patches (datasets.loader)
+    augmenter: Augmenter | None  # augmentation on the training device (augment.device=train), else None
+    mode: str  # output mode: "labels" or "regions" (core.task.output_mode)
+    model: torch.nn.Module  # the network
+    train_model: torch.nn.Module  # what the steps call: the network, wrapped by DDP and/or torch.compile
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None  # autocast dtype; None = fp32
 
-    # ---------------- data: (synthetic) cases -> preprocessed cache -> split -> loader ----------------
+    @property
+    def task(self):
+        return self.cache.task
+
+
+@dataclasses.dataclass
+class Position:
+    """Where training stands: stored in every checkpoint (``checkpoint_state``), restored on resume."""
+    epoch: int = 0  # completed epochs
+    epoch_iter: int = 0  # steps done in the current epoch
+    iteration: int = 0  # steps done in all
+    best: dict = dataclasses.field(default_factory=lambda: {"dice": -1.0, "epoch": 0})  # best.pt's score
+    skipped: int = 0  # non-finite steps skipped (train.skip_nonfinite)
+    postprocessing: dict | None = None  # {"rules", "source"} tuned on the last validation
+
+
+@dataclasses.dataclass
+class Epoch:
+    """One epoch's (or its stopped part's) training summary (``run_epoch``)."""
+    loss: float  # mean loss of its finite steps
+    lr: float  # learning rate of its last step
+    steps: int
+    seconds: float
+    stop: str | None = None  # "time" (train.time_limit) | "interrupt" (Ctrl-C) | None
+
+
+def train(cfg, info: dist.DistInfo, resume: dict | None, started: float, interrupt: "Interrupt") -> int:
+    """Build the run, train epoch by epoch (validation, checkpoints), print where it ended.
+    Returns the exit code: 0, or 130 when interrupted (the run can be resumed exactly)."""
+    if info.device.type == "cpu" and cfg.train.cpu_threads > 0:
+        torch.set_num_threads(cfg.train.cpu_threads)
+    log = print if info.is_main else (lambda *a, **k: None)
+    set_seeds(cfg.train.seed + info.rank, cfg.train.deterministic)
+    parts = build_parts(cfg, info, resume, log)
+    position, world_note = start_position(parts, cfg, info, resume)
+    logger = open_run_folder(cfg, info, parts, position, resume)
+    describe_run(cfg, info, parts, position, resume, world_note, logger, log)
+
+    last_val = None  # (summary, tuning) of the last validation
+    last_val_seconds, stop = 0.0, None
+    interrupt.active = True  # from here a first Ctrl-C stops cleanly after the current step
+    while position.epoch < cfg.train.epochs:
+        epoch = run_epoch(parts, position, cfg, info, logger, started, interrupt)
+        log_epoch(epoch, position, cfg, info, log)
+        improved = False
+        due = position.epoch % cfg.train.val_every == 0 or position.epoch >= cfg.train.epochs
+        if epoch.stop != "interrupt" and (epoch.stop == "time" or due):
+            log(f"validating {len(parts.split['val'])} case(s) (whole cases, sliding window"
+                + (f"; about {last_val_seconds:.0f} s last time)" if last_val_seconds else ")"))
+            tick = time.perf_counter()
+            last_val, improved = validation_round(parts, position, cfg, info, logger, epoch, log)
+            last_val_seconds = time.perf_counter() - tick
+        save_training_state(cfg.out_dir, info, checkpoint_state(cfg, info, parts, position), best_too=improved)
+        if epoch.stop is None and interrupt.requested:  # Ctrl-C during validation: stop after its save
+            epoch.stop = "interrupt"
+        if epoch.stop is not None:
+            stop = epoch.stop
+            break
+    interrupt.active = False
+    if logger is not None:
+        logger.close()
+    return finish(cfg, info, parts, position, last_val, stop, started, log)
+
+
+def build_parts(cfg, info: dist.DistInfo, resume: dict | None, log) -> Parts:
+    """Data (cases -> preprocessed cache -> split -> loader), the network (weights of ``resume``),
+    its DDP/compile wrappers, the loss, optimizer, schedule and mixed precision."""
+    device = info.device
     cache = prepare_data(cfg, info, log, resume)
-    task = cache.task
+    check_infer_config(cfg.infer, cache.task)  # post-processing sizes per training region: before any training
     if resume is not None:
-        check_resume_task(task, resume, cfg.out_dir)
+        check_resume_task(cache.task, resume, cfg.out_dir)
     split = load_or_make_split(cfg, cache, resume is not None)
-    geometries = {cid: cache.load(cid).geometry for cid in cache.case_ids}
-    check_grid(cfg, cache.spacing, geometries)
+    check_grid(cfg, cache.spacing, {cid: cache.load(cid).geometry for cid in cache.case_ids})
     loader = build_train_loader(cache, split["train"], cfg, rank=info.rank, world_size=info.world_size,
                                 device_type=device.type)
     augmenter = Augmenter(cfg.augment) if cfg.augment.device == "train" else None
 
-    # ---------------- model, loss, optimizer, schedule, mixed precision ----------------
     mode = output_mode(cfg.loss)
-    model = build_model(cfg.model, len(cache.modalities), task.output_channels(mode),
+    model = build_model(cfg.model, len(cache.modalities), cache.task.output_channels(mode),
                         patch_size=cfg.data.patch_size)
     if resume is not None:
         load_weights(model, resume)
     model.to(device)
-    channels_last = cfg.train.channels_last  # faster convolutions on CUDA and on CPU (oneDNN)
-    if channels_last:
+    if cfg.train.channels_last:  # faster convolutions on CUDA and on CPU (oneDNN)
         model.to(memory_format=torch.channels_last_3d)
     train_model = model
     if info.distributed:
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.train.compile:
         train_model = torch.compile(train_model)
-    loss_fn = build_loss(cfg.loss, task).to(device)
     optimizer = build_optimizer(model, cfg.train, device.type)
     iters = cfg.train.iters_per_epoch
-    total_iters = cfg.train.epochs * iters
-    schedule = LRSchedule(optimizer, cfg.train.schedule, total_iters, cfg.train.warmup_epochs * iters, cfg.train.lr)
-    amp_dtype = dist.autocast_dtype(AMP_DTYPES[cfg.train.precision], device)  # bf16 -> fp16 before Ampere, CPU fp32
+    schedule = LRSchedule(optimizer, cfg.train.schedule, cfg.train.epochs * iters, cfg.train.warmup_epochs * iters,
+                          cfg.train.lr)
+    amp_dtype = dist.autocast_dtype(cfg.train.precision, device)  # bf16 -> fp16 before Ampere, CPU fp32
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+    return Parts(cache, split, loader, augmenter, mode, model, train_model, build_loss(cfg.loss, cache.task).to(device),
+                 optimizer, schedule, scaler, amp_dtype)
 
-    # ---------------- where we start: fresh or resumed ----------------
-    epoch, epoch_iter, iteration, best, skipped = 0, 0, 0, {"dice": -1.0, "epoch": 0}, 0
-    world_note = None
-    if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
-        apply_hyperparameters(optimizer, cfg.train)  # weight decay / momentum overridden on resume
-        schedule.load_state_dict(resume["scheduler"])
-        if resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
-        epoch, epoch_iter, iteration = resume["epoch"], resume["epoch_iteration"], resume["iteration"]
-        best, skipped = dict(resume["best"]), resume["skipped_steps"]
-        world_note = restore_rng(resume["rng"], info, device, cfg.data.batch_size)
-    # ---------------- run folder (written only now that every input has been checked) ----------------
+
+def start_position(parts: Parts, cfg, info: dist.DistInfo, resume: dict | None) -> tuple[Position, str | None]:
+    """A fresh ``Position``, or the checkpoint's with the optimizer, schedule, scaler and RNG
+    states restored; and the note when the world size changed (``restore_rng``)."""
+    if resume is None:
+        return Position(), None
+    parts.optimizer.load_state_dict(resume["optimizer"])
+    apply_hyperparameters(parts.optimizer, cfg.train)  # weight decay / momentum overridden on resume
+    parts.schedule.load_state_dict(resume["scheduler"])
+    if resume.get("scaler"):
+        parts.scaler.load_state_dict(resume["scaler"])
+    position = Position(resume["epoch"], resume["epoch_iteration"], resume["iteration"], dict(resume["best"]),
+                        resume["skipped_steps"], resume.get("postprocessing"))
+    return position, restore_rng(resume["rng"], info, info.device, cfg.data.batch_size)
+
+
+def open_run_folder(cfg, info: dist.DistInfo, parts: Parts, position: Position, resume: dict | None):
+    """Rank 0: the run folder (written only now that every input has been checked) with
+    ``config.yaml``, ``split.json`` and the ``RunLogger``; ``None`` on the other ranks."""
     logger = None
-    if is_main:
+    if info.is_main:
+        out_dir = Path(cfg.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
-        save_split(split, out_dir / "split.json")
-        logger = RunLogger(out_dir, purge_step=iteration if resume is not None else None)
-        logger.text("val/legend", legend_markdown(task))
+        save_split(parts.split, out_dir / "split.json")
+        logger = RunLogger(out_dir, purge_step=position.iteration if resume is not None else None)
+        logger.text("val/legend", legend_markdown(parts.task))
     dist.barrier()
-    effective = cfg.data.batch_size * info.world_size
-    log(f"{cfg.model.name}: {count_parameters(model) / 1e6:.2f} M parameters | device {device} x "
-        f"{info.world_size} | precision {precision_name(amp_dtype)} | effective batch {effective} "
-        f"({cfg.data.batch_size} x {info.world_size} processes) | {len(split['train'])} train / "
-        f"{len(split['val'])} val cases | spacing {spacing_text(cache.spacing)} | task {task.name} ({task.describe_labels()}; {mode} output over "
-        f"{', '.join(task.class_names[1:] if mode == 'labels' else task.training_region_names)}) | out_dir {out_dir}")
-    if resume is not None and world_note:
+    return logger
+
+
+def describe_run(cfg, info: dist.DistInfo, parts: Parts, position: Position, resume: dict | None,
+                 world_note: str | None, logger, log) -> None:
+    """The lines a run starts with: network, devices, batch, data, task; resume notes."""
+    task, mode = parts.task, parts.mode
+    log(f"{cfg.model.name}: {count_parameters(parts.model) / 1e6:.2f} M parameters | device {info.device} x "
+        f"{info.world_size} | precision {precision_name(parts.amp_dtype)} | effective batch "
+        f"{cfg.data.batch_size * info.world_size} ({cfg.data.batch_size} x {info.world_size} processes) | "
+        f"{len(parts.split['train'])} train / {len(parts.split['val'])} val cases | spacing "
+        f"{spacing_text(parts.cache.spacing)} | task {task.name} ({task.describe_labels()}; {mode} output over "
+        f"{', '.join(task.class_names[1:] if mode == 'labels' else task.training_region_names)}) | out_dir "
+        f"{cfg.out_dir}")
+    if world_note:
         log(f"warning: {world_note}")
         if logger is not None:
-            logger.text("train/notes", world_note, iteration)
+            logger.text("train/notes", world_note, position.iteration)
     if resume is not None:
+        best = position.best
         best_text = f"{best['dice']:.4f} (epoch {best['epoch']})" if best["dice"] >= 0 else "none yet"
-        log(f"resumed at epoch {epoch + 1}, iteration {iteration} (lr {schedule.lr_at(iteration):.3g}, "
-            f"best mean Dice {best_text})")
-
-    # ---------------- the loop ----------------
-    channels = display_channels(cache.modalities)
-    regions = task.region_names
-    stop = interrupted = False
-    last_val, last_val_seconds, last_tuning = None, 0.0, None
-    postprocessing = resume.get("postprocessing") if resume is not None else None  # the rules of the last validation
+        log(f"resumed at epoch {position.epoch + 1}, iteration {position.iteration} (lr "
+            f"{parts.schedule.lr_at(position.iteration):.3g}, best mean Dice {best_text})")
     if cfg.data.num_workers > 0:
         log(f"starting {cfg.data.num_workers} loader worker(s) per process: the first batch takes a few seconds"
             + workers_note(cfg.data.num_workers))
     if cfg.train.compile:
         log("train.compile: the first steps compile the model (about a minute), then run faster")
-    interrupt.active = True  # from here a first Ctrl-C stops cleanly after the current step
-    while epoch < cfg.train.epochs and not stop:
-        train_model.train()
-        loader.sampler.set_epoch(epoch, start=epoch_iter * cfg.data.batch_size)  # start > 0: resumed mid-epoch
-        batches = iter(loader)
-        bar = Progress(iters, f"epoch {epoch + 1}/{cfg.train.epochs}", initial=epoch_iter, enabled=is_main)
-        epoch_loss, epoch_steps, window_loss, window_steps = 0.0, 0, 0.0, 0
-        epoch_start = tick = time.perf_counter()
-        first_iter = epoch_iter
-        while epoch_iter < iters:
-            lr = schedule.set(iteration)
-            batch = next(batches)
-            image = batch["image"].to(device, non_blocking=True).float()  # float16 cache -> float32 on the device
-            label = batch["label"].to(device, non_blocking=True).long()  # uint8 from the loader -> int64
-            if augmenter is not None:
-                generator = torch.Generator().manual_seed(stream_seed(cfg.train.seed, info.rank, iteration))
-                image, label = augmenter(image, label, generator)
-            if channels_last:
-                image = image.contiguous(memory_format=torch.channels_last_3d)
 
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = loss_fn(train_model(image), label)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            # one sync per step: mean loss over ranks, grad norm, rank 0's time-limit decision, Ctrl-C anywhere
-            out_of_time = is_main and cfg.train.time_limit > 0 and \
-                time.perf_counter() - started > 60 * cfg.train.time_limit
-            stats = dist.all_reduce_sum(torch.stack([loss.detach().float(), grad_norm.detach().float(),
-                                                     torch.full((), float(out_of_time), device=device),
-                                                     torch.full((), float(interrupt.requested), device=device)]))
-            loss_sum, grad_sum, stop_votes, interrupt_votes = stats.tolist()
-            loss_value, grad_value = loss_sum / info.world_size, grad_sum / info.world_size
-            finite = math.isfinite(loss_value) and (scaler.is_enabled() or math.isfinite(grad_value))
-            if finite:
-                scaler.step(optimizer)
-            elif cfg.train.skip_nonfinite:
-                skipped += 1
-            else:
-                what = f"loss ({loss_value})" if not math.isfinite(loss_value) else f"gradient norm ({grad_value})"
-                raise NonFiniteLoss(
-                    f"non-finite {what} at iteration {iteration + 1} (epoch {epoch + 1}); stopped without saving "
-                    f"this step (last.pt holds the last completed epoch). Try a lower train.lr, "
-                    f"train.precision=fp32, or train.skip_nonfinite=true")
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            iteration += 1
-            epoch_iter += 1
 
-            now = time.perf_counter()
-            patches_per_s = effective / max(now - tick, 1e-9)
-            tick = now
-            if finite:
-                epoch_loss, epoch_steps = epoch_loss + loss_value, epoch_steps + 1
-                window_loss, window_steps = window_loss + loss_value, window_steps + 1
-            bar.update(loss=loss_value, lr=lr, patches_per_s=patches_per_s)
-            if logger is not None and (iteration % cfg.train.log_every == 0 or epoch_iter == iters):
-                scalars = {"train/lr": lr, "train/patches_per_s": patches_per_s, "train/grad_norm": grad_value,
-                           "train/skipped_steps": skipped}
-                if window_steps:
-                    scalars["train/loss"] = window_loss / window_steps
-                if device.type == "cuda":
-                    scalars["train/gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                    torch.cuda.reset_peak_memory_stats(device)  # the next value: the peak of its own window
-                logger.scalars(scalars, iteration)
-                window_loss, window_steps = 0.0, 0
-            if stop_votes > 0 or interrupt_votes > 0:
-                stop, interrupted = True, interrupt_votes > 0
-                break
-            if cfg.train.checkpoint_every and iteration % cfg.train.checkpoint_every == 0 and epoch_iter < iters:
-                save_training_state(out_dir, info, cfg, cache, mode, model, optimizer, schedule, scaler,
-                                    counters(epoch, epoch_iter, iteration, best, skipped),
-                                    postprocessing=postprocessing)  # mid-epoch
-        bar.close()
+def run_epoch(parts: Parts, position: Position, cfg, info: dist.DistInfo, logger, started: float,
+              interrupt: "Interrupt") -> Epoch:
+    """Steps until the epoch ends, ``train.time_limit`` passes or Ctrl-C: each a ``train_step``,
+    then TensorBoard scalars every ``train.log_every`` steps and ``last.pt`` every
+    ``train.checkpoint_every``. ``position`` advances; a finished epoch increments ``epoch``."""
+    iters, effective = cfg.train.iters_per_epoch, cfg.data.batch_size * info.world_size
+    parts.train_model.train()
+    parts.loader.sampler.set_epoch(position.epoch, start=position.epoch_iter * cfg.data.batch_size)  # > 0: resumed
+    batches = iter(parts.loader)
+    bar = Progress(iters, f"epoch {position.epoch + 1}/{cfg.train.epochs}", initial=position.epoch_iter,
+                   enabled=info.is_main)
+    epoch_loss, epoch_steps, window_loss, window_steps = 0.0, 0, 0.0, 0
+    epoch_start = tick = time.perf_counter()
+    first_iter, lr, stop = position.epoch_iter, 0.0, None
+    while position.epoch_iter < iters:
+        lr = parts.schedule.set(position.iteration)
+        step = train_step(parts, next(batches), cfg, info, position, started, interrupt)
+        now = time.perf_counter()
+        patches_per_s, tick = effective / max(now - tick, 1e-9), now
+        if step.finite:
+            epoch_loss, epoch_steps = epoch_loss + step.loss, epoch_steps + 1
+            window_loss, window_steps = window_loss + step.loss, window_steps + 1
+        bar.update(loss=step.loss, lr=lr, patches_per_s=patches_per_s)
+        if logger is not None and (position.iteration % cfg.train.log_every == 0 or position.epoch_iter == iters):
+            log_step(logger, position, lr, patches_per_s, step.grad_norm, window_loss, window_steps, info.device)
+            window_loss, window_steps = 0.0, 0
+        if step.stop is not None:
+            stop = step.stop
+            break
+        if cfg.train.checkpoint_every and position.iteration % cfg.train.checkpoint_every == 0 \
+                and position.epoch_iter < iters:  # mid-epoch
+            save_training_state(cfg.out_dir, info, checkpoint_state(cfg, info, parts, position))
+    bar.close()
+    steps = position.epoch_iter - first_iter
+    if position.epoch_iter == iters:
+        position.epoch, position.epoch_iter = position.epoch + 1, 0
+    return Epoch(epoch_loss / max(epoch_steps, 1), lr, steps, time.perf_counter() - epoch_start, stop)
 
-        steps_done = epoch_iter - first_iter
-        finished = epoch_iter == iters
-        if finished:
-            epoch, epoch_iter = epoch + 1, 0
-        seconds = time.perf_counter() - epoch_start
-        train_loss = epoch_loss / max(epoch_steps, 1)
-        log(f"epoch {epoch if finished else epoch + 1}/{cfg.train.epochs}{'' if finished else ' (stopped early)'}"
-            f" | loss {train_loss:.4f} | lr {lr:.3g} | {steps_done / seconds:.2f} it/s, "
-            f"{steps_done * effective / seconds:.1f} patches/s | {seconds:.0f} s"
-            + (f" | skipped {skipped} non-finite steps" if skipped else ""))
-        if interrupted:
-            log(f"interrupted (Ctrl-C) after iteration {iteration}: saving last.pt there and stopping")
-        elif stop:
-            log(f"train.time_limit of {cfg.train.time_limit:g} min reached after iteration {iteration}: "
-                f"validating, saving and stopping")
 
-        # ---------------- validation (sharded over ranks), best.pt, last.pt ----------------
-        improved = False
-        if not interrupted and (stop or epoch % cfg.train.val_every == 0 or epoch >= cfg.train.epochs):
-            log(f"validating {len(split['val'])} case(s) (whole cases, sliding window"
-                + (f"; about {last_val_seconds:.0f} s last time)" if last_val_seconds else ")"))
-            val_start = time.perf_counter()
-            per_case, panel, predictions = validate(model, cache, split["val"], cfg, mode, info, channels)
-            tuning = last_tuning = None
-            if cfg.train.tune_postprocessing:  # on this validation's predictions: no second pass (all ranks)
-                tuning = tune_postprocessing(predictions, task, cfg.metrics.convention,
-                                             reduce=lambda v: dist.all_reduce_sum(torch.as_tensor(
-                                                 v, device=device)).cpu().numpy())
-                last_tuning = tuning
-                postprocessing = {"rules": tuning.rules.to_dict(),
-                                  "source": tuning.source(cfg.metrics.convention, f"of {out_dir} at epoch {epoch}")}
-            if is_main:
-                last_val = means(aggregate(per_case))
-                mean_dice = float(np.mean([last_val[r]["dice"] for r in regions]))
-                score = tuning.after if tuning is not None else mean_dice  # best.pt: post-processed when tuned
-                improved = score > best["dice"]
-                if improved:
-                    best = {"dice": score, "epoch": epoch}
-                    if tuning is not None:
-                        atomic_write_text(out_dir / "postprocessing.json", json.dumps(postprocessing, indent=1))
-                log_validation(logger, last_val, mean_dice, tuning, best, per_case, panel, epoch, iteration,
-                               train_loss, lr)
-                last_val_seconds = time.perf_counter() - val_start
-                log("validation Dice | " + " | ".join(f"{r} {last_val[r]['dice']:.4f}" for r in regions)
-                    + f" | mean {mean_dice:.4f}"
-                    + (f" | post-processed mean {tuning.after:.4f} ({tuning.rules.describe(task)})" if tuning else "")
-                    + f" | best {best['dice']:.4f} (epoch {best['epoch']}) | {len(per_case)} cases, "
-                    f"{last_val_seconds:.0f} s")
-        save_training_state(out_dir, info, cfg, cache, mode, model, optimizer, schedule, scaler,
-                            counters(epoch, epoch_iter, iteration, best, skipped), best_too=improved,
-                            postprocessing=postprocessing)
-        if interrupt.requested and not interrupted:  # Ctrl-C during validation: stop after its save
-            stop = interrupted = True
-    interrupt.active = False
+@dataclasses.dataclass
+class Step:
+    loss: float  # mean over ranks
+    grad_norm: float  # mean over ranks
+    finite: bool  # the optimizer stepped (else skipped: train.skip_nonfinite)
+    stop: str | None  # "interrupt" (Ctrl-C on any rank) | "time" (rank 0's train.time_limit) | None
 
-    # ---------------- the end ----------------
+
+def train_step(parts: Parts, batch: dict, cfg, info: dist.DistInfo, position: Position, started: float,
+               interrupt: "Interrupt") -> Step:
+    """One optimizer step on ``batch`` (``image (B, C, X, Y, Z)``, ``label (B, X, Y, Z)``):
+    augmentation on the device when asked, forward under autocast, backward, gradient clipping,
+    and one all-reduce that averages loss and gradient norm over the ranks and shares rank 0's
+    time-limit decision and any rank's Ctrl-C. A non-finite loss skips the step
+    (``train.skip_nonfinite``) or raises ``NonFiniteLoss``. Advances ``position``."""
+    device = info.device
+    image = batch["image"].to(device, non_blocking=True).float()  # float16 cache -> float32 on the device
+    label = batch["label"].to(device, non_blocking=True).long()  # uint8 from the loader -> int64
+    if parts.augmenter is not None:
+        generator = torch.Generator().manual_seed(stream_seed(cfg.train.seed, info.rank, position.iteration))
+        image, label = parts.augmenter(image, label, generator)
+    if cfg.train.channels_last:
+        image = image.contiguous(memory_format=torch.channels_last_3d)
+
+    with torch.autocast(device.type, dtype=parts.amp_dtype, enabled=parts.amp_dtype is not None):
+        loss = parts.loss_fn(parts.train_model(image), label)
+    scaler, optimizer = parts.scaler, parts.optimizer
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(parts.model.parameters(), max_norm)
+    out_of_time = info.is_main and cfg.train.time_limit > 0 and time.perf_counter() - started > 60 * cfg.train.time_limit
+    stats = dist.all_reduce_sum(torch.stack([loss.detach().float(), grad_norm.detach().float(),
+                                             torch.full((), float(out_of_time), device=device),
+                                             torch.full((), float(interrupt.requested), device=device)]))
+    loss_sum, grad_sum, stop_votes, interrupt_votes = stats.tolist()
+    loss_value, grad_value = loss_sum / info.world_size, grad_sum / info.world_size
+    finite = math.isfinite(loss_value) and (scaler.is_enabled() or math.isfinite(grad_value))
+    if finite:
+        scaler.step(optimizer)
+    elif cfg.train.skip_nonfinite:
+        position.skipped += 1
+    else:
+        what = f"loss ({loss_value})" if not math.isfinite(loss_value) else f"gradient norm ({grad_value})"
+        raise NonFiniteLoss(
+            f"non-finite {what} at iteration {position.iteration + 1} (epoch {position.epoch + 1}); stopped without "
+            f"saving this step (last.pt holds the last completed epoch). Try a lower train.lr, "
+            f"train.precision=fp32, or train.skip_nonfinite=true")
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    position.iteration += 1
+    position.epoch_iter += 1
+    stop = "interrupt" if interrupt_votes > 0 else "time" if stop_votes > 0 else None
+    return Step(loss_value, grad_value, finite, stop)
+
+
+def log_step(logger, position: Position, lr: float, patches_per_s: float, grad_norm: float, window_loss: float,
+             window_steps: int, device: torch.device) -> None:
+    """TensorBoard scalars of the steps since the last write (``train.log_every``)."""
+    scalars = {"train/lr": lr, "train/patches_per_s": patches_per_s, "train/grad_norm": grad_norm,
+               "train/skipped_steps": position.skipped}
+    if window_steps:
+        scalars["train/loss"] = window_loss / window_steps
+    if device.type == "cuda":
+        scalars["train/gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)  # the next value: the peak of its own window
+    logger.scalars(scalars, position.iteration)
+
+
+def log_epoch(epoch: Epoch, position: Position, cfg, info: dist.DistInfo, log) -> None:
+    finished = position.epoch_iter == 0
+    shown = position.epoch if finished else position.epoch + 1
+    effective = cfg.data.batch_size * info.world_size
+    log(f"epoch {shown}/{cfg.train.epochs}{'' if finished else ' (stopped early)'}"
+        f" | loss {epoch.loss:.4f} | lr {epoch.lr:.3g} | {epoch.steps / epoch.seconds:.2f} it/s, "
+        f"{epoch.steps * effective / epoch.seconds:.1f} patches/s | {epoch.seconds:.0f} s"
+        + (f" | skipped {position.skipped} non-finite steps" if position.skipped else ""))
+    if epoch.stop == "interrupt":
+        log(f"interrupted (Ctrl-C) after iteration {position.iteration}: saving last.pt there and stopping")
+    elif epoch.stop == "time":
+        log(f"train.time_limit of {cfg.train.time_limit:g} min reached after iteration {position.iteration}: "
+            f"validating, saving and stopping")
+
+
+def validation_round(parts: Parts, position: Position, cfg, info: dist.DistInfo, logger, epoch: Epoch, log):
+    """Validate (sharded over ranks), tune post-processing on the same predictions (all ranks),
+    and on rank 0 update the best score (``postprocessing.json`` with it), log and print.
+    Returns ``((summary, tuning), improved)``; ``summary`` is ``None`` off rank 0."""
+    task, out_dir = parts.task, Path(cfg.out_dir)
+    tick = time.perf_counter()
+    per_case, panel, predictions = validate(parts.model, parts.cache, parts.split["val"], cfg, parts.mode, info,
+                                            display_channels(parts.cache.modalities))
+    tuning = None
+    if cfg.train.tune_postprocessing:  # on this validation's predictions: no second pass
+        tuning = tune_postprocessing(predictions, task, cfg.metrics.convention,
+                                     reduce=lambda v: dist.all_reduce_sum(torch.as_tensor(
+                                         v, device=info.device)).cpu().numpy())
+        position.postprocessing = {"rules": tuning.rules.to_dict(), "source": tuning.source(
+            cfg.metrics.convention, f"of {out_dir} at epoch {position.epoch}")}
+    if not info.is_main:
+        return (None, tuning), False
+    summary = means(aggregate(per_case))
+    mean_dice = float(np.mean([summary[r]["dice"] for r in task.region_names]))
+    score = tuning.after if tuning is not None else mean_dice  # best.pt: post-processed when tuned
+    improved = score > position.best["dice"]
+    if improved:
+        position.best = {"dice": score, "epoch": position.epoch}
+        if tuning is not None:
+            atomic_write_text(out_dir / "postprocessing.json", json.dumps(position.postprocessing, indent=1))
+    log_validation(logger, summary, mean_dice, tuning, position, len(per_case), panel, epoch)
+    best = position.best
+    log("validation Dice | " + " | ".join(f"{r} {summary[r]['dice']:.4f}" for r in task.region_names)
+        + f" | mean {mean_dice:.4f}"
+        + (f" | post-processed mean {tuning.after:.4f} ({tuning.rules.describe(task)})" if tuning else "")
+        + f" | best {best['dice']:.4f} (epoch {best['epoch']}) | {len(per_case)} cases, "
+        f"{time.perf_counter() - tick:.0f} s")
+    return (summary, tuning), improved
+
+
+def finish(cfg, info: dist.DistInfo, parts: Parts, position: Position, last_val, stop: str | None, started: float,
+           log) -> int:
+    """The closing lines: replicas in sync, the final validation, and what to run next."""
     if info.distributed:
-        log(check_replicas(model, info))
-    if logger is not None:
-        logger.close()
-    if last_val is not None:
-        log("final validation Dice: " + ", ".join(f"{r} {last_val[r]['dice']:.4f}" for r in regions)
-            + ("; post-processed: " + ", ".join(f"{r} {last_tuning.regions_after[r]:.4f}" for r in regions)
-               if last_tuning is not None else "")
+        log(check_replicas(parts.model, info))
+    regions = parts.task.region_names
+    if last_val is not None and last_val[0] is not None:
+        summary, tuning = last_val
+        best = position.best
+        log("final validation Dice: " + ", ".join(f"{r} {summary[r]['dice']:.4f}" for r in regions)
+            + ("; post-processed: " + ", ".join(f"{r} {tuning.regions_after[r]:.4f}" for r in regions)
+               if tuning is not None else "")
             + f" (best {'post-processed ' if cfg.train.tune_postprocessing else ''}mean {best['dice']:.4f} "
             f"at epoch {best['epoch']})")
+    out_dir = Path(cfg.out_dir)
     resume_command = shell_command("python", "train.py", "--resume", out_dir / "last.pt")
-    if interrupted:
-        log(f"interrupted: {out_dir / 'last.pt'} holds iteration {iteration}; continue exactly with: {resume_command}")
+    if stop == "interrupt":
+        log(f"interrupted: {out_dir / 'last.pt'} holds iteration {position.iteration}; continue exactly with: "
+            f"{resume_command}")
         return 130
-    if epoch < cfg.train.epochs:
+    if position.epoch < cfg.train.epochs:
         log(f"stopped by train.time_limit; continue with: {resume_command}")
     else:
         infer_command = shell_command("python", "infer.py", "--checkpoint", out_dir / "best.pt", "-i", cfg.data.root,
@@ -400,30 +516,14 @@ def build_config(args: argparse.Namespace, resume: dict | None):
 
 
 def check_config(cfg) -> None:
-    """Training-specific values the types alone do not rule out (``ConfigError``, one line)."""
-    t, d = cfg.train, cfg.data
-    rules = [
-        (t.epochs >= 1, "train.epochs", t.epochs, ">= 1"),
-        (t.iters_per_epoch >= 1, "train.iters_per_epoch", t.iters_per_epoch, ">= 1"),
-        (0 <= t.warmup_epochs <= t.epochs, "train.warmup_epochs", t.warmup_epochs, f"in [0, train.epochs={t.epochs}]"),
-        (t.lr > 0, "train.lr", t.lr, "> 0"),
-        (t.weight_decay >= 0, "train.weight_decay", t.weight_decay, ">= 0"),
-        (0 <= t.momentum < 1, "train.momentum", t.momentum, "in [0, 1)"),
-        (t.grad_clip >= 0, "train.grad_clip", t.grad_clip, ">= 0 (0 = off)"),
-        (t.val_every >= 1, "train.val_every", t.val_every, ">= 1"),
-        (t.log_every >= 1, "train.log_every", t.log_every, ">= 1"),
-        (t.cpu_threads >= 0, "train.cpu_threads", t.cpu_threads, ">= 0 (0 = torch default)"),
-        (t.time_limit >= 0, "train.time_limit", t.time_limit, ">= 0 (0 = no limit)"),
-        (t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every, ">= 0 (0 = every epoch)"),
-        (len(d.patch_size) == 3 and min(d.patch_size) >= 1, "data.patch_size", d.patch_size, "3 positive sizes"),
-        (d.batch_size >= 1, "data.batch_size", d.batch_size, ">= 1"),
-        (d.synthetic_cases >= 0, "data.synthetic_cases", d.synthetic_cases, ">= 0"),
-    ]
-    for ok, key, value, rule in rules:
-        if not ok:
-            raise ConfigError(f"{key}: {value!r} must be {rule}")
+    """What the config's own validation cannot know: with a named task, that data.modalities and
+    the infer.* post-processing keys fit it (``ConfigError`` / ``TaskError``, one line). With
+    ``data.task: auto`` the same is checked once the task is detected (``train``)."""
+    d = cfg.data
     if d.task != "auto":
-        load_task(d.task).select_modalities(d.modalities)  # TaskError naming data.task / data.modalities
+        task = load_task(d.task)
+        task.select_modalities(d.modalities)  # TaskError naming data.task / data.modalities
+        check_infer_config(cfg.infer, task)
     if d.synthetic_cases > 0 and d.synthetic_task not in ("auto", *builtin_tasks()):
         raise ConfigError(f"data.synthetic_task: {d.synthetic_task!r} must be auto or a built-in task "
                           f"({', '.join(builtin_tasks())})")
@@ -681,7 +781,7 @@ def validate(model, cache, case_ids: list[str], cfg, mode: str, info: dist.DistI
 def validation_panel(case_id: str, case, pred: np.ndarray, ref: np.ndarray, channel: int, task,
                      metrics: dict) -> np.ndarray:
     """The TensorBoard picture ``val/panel`` of a cached validation case, ``(3, H, W)`` floats in
-    ``[0, 1]``: what ``infer.py --png`` draws (``engine.render``), of image channel ``channel``
+    ``[0, 1]``: what ``infer.py --png`` draws (``inference.render``), of image channel ``channel``
     (FLAIR, else the first display channel), prediction and reference rows and the case's Dice
     line. The cached arrays are on the model grid: canonical voxel axes at ``model_spacing``."""
     picture = render_case(np.asarray(case.images[channel], dtype=np.float32), pred, ref, case.geometry.model_affine,
@@ -690,47 +790,50 @@ def validation_panel(case_id: str, case, pred: np.ndarray, ref: np.ndarray, chan
     return as_chw(picture)
 
 
-def log_validation(logger, summary, mean_dice, tuning, best, per_case, panel, epoch, iteration, train_loss,
-                   lr) -> None:
+def log_validation(logger, summary: dict, mean_dice: float, tuning, position: Position, cases: int, panel,
+                   epoch: Epoch) -> None:
+    """One ``metrics.jsonl`` line and the TensorBoard scalars (and panel) of a validation."""
     scalars = {f"val/dice_{r}": summary[r]["dice"] for r in summary}
     scalars.update({f"val/hd95_{r}": summary[r]["hd95"] for r in summary if "hd95" in summary[r]})
-    scalars.update({"val/dice_mean": mean_dice, "train/epoch_loss": train_loss})
-    record = {"epoch": epoch, "iteration": iteration, "time": time.time(), "lr": lr, "train_loss": train_loss,
-              "val": summary, "mean_dice": mean_dice, "best_dice": best["dice"], "best_epoch": best["epoch"],
-              "cases": len(per_case)}
+    scalars.update({"val/dice_mean": mean_dice, "train/epoch_loss": epoch.loss})
+    record = {"epoch": position.epoch, "iteration": position.iteration, "time": time.time(), "lr": epoch.lr,
+              "train_loss": epoch.loss, "val": summary, "mean_dice": mean_dice, "best_dice": position.best["dice"],
+              "best_epoch": position.best["epoch"], "cases": cases}
     if tuning is not None:
         scalars["val/dice_mean_postprocessed"] = tuning.after
         scalars.update({f"val/dice_{r}_postprocessed": dice for r, dice in tuning.regions_after.items()})
         record["postprocessing"] = {"rules": tuning.rules.to_dict(), "mean_dice": tuning.after,
                                     "dice": tuning.regions_after}
-    logger.validation(record, scalars, iteration)
+    logger.validation(record, scalars, position.iteration)
     if panel is not None:
-        logger.image("val/panel", panel, iteration)
+        logger.image("val/panel", panel, position.iteration)
 
 
-def counters(epoch: int, epoch_iter: int, iteration: int, best: dict, skipped: int) -> dict:
-    """Where training stands, as stored in a checkpoint."""
-    return {"epoch": epoch, "epoch_iteration": epoch_iter, "iteration": iteration, "best": best,
-            "skipped_steps": skipped}
-
-
-def save_training_state(out_dir: Path, info: dist.DistInfo, cfg, cache, mode: str, model, optimizer, schedule,
-                        scaler, progress: dict, best_too: bool = False, postprocessing: dict | None = None) -> None:
-    """Every rank: gather the RNG states (for an exact resume); rank 0: write ``last.pt`` (and
-    ``best.pt``) atomically, so the previous file stays until the new one is complete. With
-    ``postprocessing`` (the rules tuned on the last validation) infer.py applies them by default."""
+def checkpoint_state(cfg, info: dist.DistInfo, parts: Parts, position: Position) -> dict:
+    """What a checkpoint holds (``core/checkpoint.py``): the resolved config, the task, modalities,
+    spacing and output mode (what inference needs), the weights, optimizer, schedule and scaler
+    states, the ``Position``, every rank's RNG states (gathered: all ranks call this) and the
+    post-processing tuned on the last validation (infer.py applies it by default)."""
     rng = dist.all_gather_objects(rng_state(info.device))
+    cache = parts.cache
+    return {
+        "config": to_dict(cfg), "task": cache.task.to_dict(), "modalities": list(cache.modalities),
+        "spacing": list(cache.spacing) if cache.spacing else None, "output_mode": parts.mode,
+        "model": unwrap_model(parts.model).state_dict(), "optimizer": parts.optimizer.state_dict(),
+        "scheduler": parts.schedule.state_dict(), "scaler": parts.scaler.state_dict(),
+        "epoch": position.epoch, "epoch_iteration": position.epoch_iter, "iteration": position.iteration,
+        "best": position.best, "skipped_steps": position.skipped, "rng": rng, "world_size": info.world_size,
+        "postprocessing": position.postprocessing,
+    }
+
+
+def save_training_state(out_dir: str | Path, info: dist.DistInfo, state: dict, best_too: bool = False) -> None:
+    """Rank 0: write ``last.pt`` (and ``best.pt``) atomically, so the previous file stays until the
+    new one is complete; every rank waits for it."""
     if info.is_main:
-        state = {
-            "config": to_dict(cfg), "task": cache.task.to_dict(), "modalities": list(cache.modalities),
-            "spacing": list(cache.spacing) if cache.spacing else None, "output_mode": mode,
-            "model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": schedule.state_dict(), "scaler": scaler.state_dict(), **progress, "rng": rng,
-            "world_size": info.world_size, "postprocessing": postprocessing,
-        }
-        save_checkpoint(state, out_dir / "last.pt")
+        save_checkpoint(state, Path(out_dir) / "last.pt")
         if best_too:
-            save_checkpoint(state, out_dir / "best.pt")
+            save_checkpoint(state, Path(out_dir) / "best.pt")
     dist.barrier()
 
 

@@ -22,9 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datasets.augment import (Augmenter, add_gaussian_noise, flip, gamma_transform,  # noqa: E402
-                              gaussian_blur, spatial_transform)
-from engine.config import AugmentConfig  # noqa: E402
+from core.config import AugmentConfig  # noqa: E402
+from datasets.augment import Augmenter, add_gaussian_noise, flip, gamma_transform, gaussian_blur, spatial_transform  # noqa: E402
 
 ALL_ON = dict(flip_prob=1.0, rotate_prob=1.0, scale_prob=1.0, intensity_scale_prob=1.0, intensity_shift_prob=1.0,
               gamma_prob=1.0, noise_prob=1.0, blur_prob=1.0)

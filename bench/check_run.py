@@ -24,10 +24,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datasets.io import discover_cases  # noqa: E402
-from engine.checkpoint import load_checkpoint, stored_task  # noqa: E402
+from core.checkpoint import load_checkpoint, stored_task  # noqa: E402
+from core.task import CaseFacts  # noqa: E402
 from datasets.detect import choose_from_facts  # noqa: E402
-from engine.task import CaseFacts  # noqa: E402
+from datasets.io import discover_cases  # noqa: E402
 
 
 def check_run(run: Path, min_validations: int, loss_check: bool) -> tuple[dict, list[str]]:

@@ -57,17 +57,31 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import infer  # noqa: E402
-from bench.common import (benchmark_parser, finish, import_monai, load_average, log, measure,  # noqa: E402
-                          measure_alternating, monai_skipped, per_second, ratio, setup, synthetic_cases, work_dir)
+from bench.common import (  # noqa: E402
+    benchmark_parser,
+    finish,
+    import_monai,
+    load_average,
+    log,
+    measure,
+    measure_alternating,
+    monai_skipped,
+    per_second,
+    ratio,
+    setup,
+    synthetic_cases,
+    work_dir,
+)
+from core.boxes import bounding_box  # noqa: E402
+from core.checkpoint import save_checkpoint  # noqa: E402
+from core.config import Config, to_dict  # noqa: E402
+from core.task import builtin_tasks  # noqa: E402
 from datasets.io import read_case  # noqa: E402
-from datasets.preprocess import bounding_box, brain_mask, zscore_in_mask  # noqa: E402
-from engine import sliding_window  # noqa: E402
-from engine.checkpoint import save_checkpoint  # noqa: E402
-from engine.onnx_export import exporter_available, export_network  # noqa: E402
-from engine.predict import auto_backend, load_model  # noqa: E402
-from engine.config import Config, to_dict  # noqa: E402
-from engine.task import builtin_tasks  # noqa: E402
-from engine.sliding_window import FLIP_DIMS, sliding_window_predict, window_starts  # noqa: E402
+from datasets.preprocess import brain_mask, zscore_in_mask
+from inference import sliding_window  # noqa: E402
+from inference.onnx_export import export_network, exporter_available  # noqa: E402
+from inference.predict import auto_backend, load_model  # noqa: E402
+from inference.sliding_window import FLIP_DIMS, sliding_window_predict, window_starts  # noqa: E402
 from models import build_model, count_parameters  # noqa: E402
 
 TASK = builtin_tasks()["brats-gli-2021"]  # the task of the synthetic benchmark case
@@ -167,7 +181,7 @@ def export_onnx(ckpt: Path, work: Path) -> tuple[Path | None, dict]:
 def network_one_batch(model: nn.Module, onnx_path: Path | None, args, device) -> dict:
     """Seconds of the network alone on one batch of ``sw_batch_size`` windows: PyTorch eager,
     channels_last_3d, ONNX Runtime (alternated); speedups over eager."""
-    from engine.onnx_model import OnnxModel
+    from inference.onnx_model import OnnxModel
 
     batch = torch.randn((args.sw_batch_size, len(MODALITIES)) + args.window, generator=torch.Generator().manual_seed(0))
     batch = batch.to(device)
@@ -193,7 +207,7 @@ def network_one_batch(model: nn.Module, onnx_path: Path | None, args, device) ->
 
 def onnxruntime_agreement(model: nn.Module, onnx_path: Path, volume: torch.Tensor, args, device) -> dict:
     """PyTorch vs ONNX Runtime on the whole volume (softmax probabilities blended by the sliding window)."""
-    from engine.onnx_model import OnnxModel
+    from inference.onnx_model import OnnxModel
 
     probs = [sliding_window_predict(net, volume, args.window, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
                                     mode="labels", device=device, precision=args.precision).cpu()
@@ -237,8 +251,15 @@ def monai_infer_fn(model: nn.Module, args):
 def monai_end_to_end_fn(case, model: nn.Module, out: Path, tta: bool, crop: bool, args):
     """``fn()``: MONAI's read -> preprocess -> sliding window -> argmax -> invert -> write of one case."""
     from monai.data import MetaTensor
-    from monai.transforms import (Compose, CropForegroundd, EnsureChannelFirstd, Invertd, LoadImaged,
-                                  NormalizeIntensityd, SaveImage)
+    from monai.transforms import (
+        Compose,
+        CropForegroundd,
+        EnsureChannelFirstd,
+        Invertd,
+        LoadImaged,
+        NormalizeIntensityd,
+        SaveImage,
+    )
 
     preprocess = Compose([LoadImaged(keys="image", image_only=True), EnsureChannelFirstd(keys="image"),
                           *([CropForegroundd(keys="image", source_key="image")] if crop else []),

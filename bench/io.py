@@ -39,14 +39,26 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (ROOT, benchmark_parser, finish, import_monai, load_average, log, measure,  # noqa: E402
-                          monai_skipped, ratio, setup, synthetic_cases, work_dir)
+from bench.common import (  # noqa: E402
+    ROOT,
+    benchmark_parser,
+    finish,
+    import_monai,
+    load_average,
+    log,
+    measure,
+    monai_skipped,
+    ratio,
+    setup,
+    synthetic_cases,
+    work_dir,
+)
+from core.task import builtin_tasks  # noqa: E402
 from datasets.cache import CacheIndex, build_case  # noqa: E402
 from datasets.io import Geometry, read_case, to_original  # noqa: E402
 from datasets.preprocess import preprocess_case, restore_probabilities  # noqa: E402
-from datasets.spatial import resample  # noqa: E402
 from datasets.sampling import choose_patch_start, extract_patch  # noqa: E402
-from engine.task import builtin_tasks  # noqa: E402
+from datasets.spatial import resample  # noqa: E402
 
 MODALITIES = ["t1", "t1ce", "t2", "flair"]
 TASK = builtin_tasks()["brats-gli-2021"]  # synthetic cases use the 2021 labels (ET = 4)

@@ -40,13 +40,27 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (ROOT, benchmark_parser, finish, import_monai, load_average, log, measure,  # noqa: E402
-                          monai_skipped, per_second, ratio, setup, synchronize, synthetic_cases, work_dir)
+from bench.common import (  # noqa: E402
+    ROOT,
+    benchmark_parser,
+    finish,
+    import_monai,
+    load_average,
+    log,
+    measure,
+    monai_skipped,
+    per_second,
+    ratio,
+    setup,
+    synchronize,
+    synthetic_cases,
+    work_dir,
+)
+from core.config import load_config  # noqa: E402
+from core.task import builtin_tasks  # noqa: E402
 from datasets.augment import Augmenter  # noqa: E402
 from datasets.cache import prepare_cache  # noqa: E402
 from datasets.loader import PREFETCH_FACTOR, build_train_loader  # noqa: E402
-from engine.config import load_config  # noqa: E402
-from engine.task import builtin_tasks  # noqa: E402
 
 SCENARIOS = {  # name -> (config, number of cases, case shape or None = the config's synthetic_shape)
     "full": ("unet3d.yaml", 2, (240, 240, 155)),

@@ -8,7 +8,7 @@ enhancing island, as training classes 1 core, 2 edema, 3 enhancing (the class or
 glioma-like task; ``--task`` picks the regions and lesion rules). Reports the median seconds of
 ``case_metrics`` without surface metrics, with them (HD95 + NSD from one distance computation),
 and under the lesion-wise convention, plus the parts (confusion counts, HD95 of each region), and
-the seconds per case of choosing post-processing (``engine.tuning.tune_postprocessing``, what
+the seconds per case of choosing post-processing (``inference.tuning.tune_postprocessing``, what
 training adds to each validation) on this case and on a noisy one (60 stray enhancing voxels
 scattered over the volume: an early, untrained model), in both conventions.
 """
@@ -27,8 +27,8 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import emit  # noqa: E402
-from engine.task import load_task  # noqa: E402
-from engine.tuning import tune_postprocessing  # noqa: E402
+from core.task import load_task  # noqa: E402
+from inference.tuning import tune_postprocessing  # noqa: E402
 from metrics import case_metrics, confusion_matrix, hd95  # noqa: E402
 
 SHAPE = (240, 240, 155)

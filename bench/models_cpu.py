@@ -32,9 +32,20 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (ROOT, benchmark_parser, finish, import_monai, load_average, log, monai_skipped,  # noqa: E402
-                          ratio, setup, summarize, synchronize)
-from engine.config import load_config  # noqa: E402
+from bench.common import (  # noqa: E402
+    ROOT,
+    benchmark_parser,
+    finish,
+    import_monai,
+    load_average,
+    log,
+    monai_skipped,
+    ratio,
+    setup,
+    summarize,
+    synchronize,
+)
+from core.config import load_config  # noqa: E402
 from models import build_model, count_parameters  # noqa: E402
 
 IN_CHANNELS, OUT_CHANNELS = 4, 3

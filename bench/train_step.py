@@ -48,19 +48,38 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (ROOT, benchmark_parser, finish, import_monai, load_average, log, measure,  # noqa: E402
-                          measure_alternating, monai_skipped, per_second, ratio, setup, summarize, synchronize, synthetic_cases,
-                          work_dir)
+from bench.common import (  # noqa: E402
+    ROOT,
+    benchmark_parser,
+    finish,
+    import_monai,
+    load_average,
+    log,
+    measure,
+    measure_alternating,
+    monai_skipped,
+    per_second,
+    ratio,
+    setup,
+    summarize,
+    synchronize,
+    synthetic_cases,
+    work_dir,
+)
+from core.config import load_config  # noqa: E402
+from core.distributed import PRECISIONS  # noqa: E402
+from core.optim import build_optimizer  # noqa: E402
+from core.task import (
+    builtin_tasks,  # noqa: E402
+    output_mode,  # noqa: E402
+)
 from datasets.augment import Augmenter  # noqa: E402
 from datasets.cache import prepare_cache  # noqa: E402
 from datasets.loader import PREFETCH_FACTOR, build_train_loader  # noqa: E402
-from engine.config import load_config  # noqa: E402
-from engine.optim import build_optimizer  # noqa: E402
-from engine.task import builtin_tasks  # noqa: E402
-from losses import build_loss, output_mode  # noqa: E402
+from losses import build_loss  # noqa: E402
 from models import build_model, count_parameters  # noqa: E402
 
-AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # fp16 would need train.py's GradScaler
+AMP_DTYPES = {name: PRECISIONS[name] for name in ("fp32", "bf16")}  # fp16 would need train.py's GradScaler
 CPU_CONFIGS = ["configs/unet3d_tiny.yaml", "configs/swin_unetr_tiny.yaml"]
 GPU_CONFIGS = ["configs/unet3d.yaml", "configs/swin_unetr.yaml"]
 TASK = builtin_tasks()["brats-gli-2021"]  # the task of the synthetic benchmark data

@@ -32,15 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from engine.config import AugmentConfig, ConfigError
+from core.config import AugmentConfig
 
 TRUNCATE = 3.0  # Gaussian kernels are cut at this many sigmas
 _EPS = 1e-7  # guards divisions by a channel's value range or standard deviation
 _STATS_CHUNK = 2**17  # elements per step of _std_mean on the CPU (half an L2 cache of float32)
-
-
-class AugmentConfigError(ConfigError, ValueError):
-    """An invalid ``augment.*`` value (a ``ValueError``, shown as one line by the CLIs)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,8 +286,7 @@ class Augmenter:
     """
 
     def __init__(self, cfg: AugmentConfig):
-        _validate(cfg)
-        self.cfg = cfg
+        self.cfg = cfg  # its ranges were validated with the config (core.config.validate)
 
     def __call__(self, image: Tensor, label: Tensor,
                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -454,41 +449,3 @@ def _check_batch(image: Tensor, label: Tensor) -> None:
     if label.shape != (image.shape[0], *image.shape[2:]) or label.device != image.device:
         raise ValueError(f"label: shape {tuple(label.shape)} on {label.device} does not match "
                          f"image {tuple(image.shape)} on {image.device}")
-
-
-_PROBABILITIES = ("flip_prob", "rotate_prob", "scale_prob", "elastic_prob", "intensity_scale_prob",
-                  "intensity_shift_prob", "gamma_prob", "noise_prob", "blur_prob")
-# [low, high] keys -> whether low must be > 0 (else >= 0)
-_RANGES = {"scale_range": True, "intensity_scale_range": True, "gamma_range": True, "blur_sigma": False}
-
-
-def _validate(cfg: AugmentConfig) -> None:
-    """Raise ``AugmentConfigError`` naming the first invalid ``augment.*`` key and its value."""
-    def fail(key: str, problem: str) -> None:
-        raise AugmentConfigError(f"augment.{key}: {getattr(cfg, key)!r} {problem}")
-
-    def number(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-    if cfg.device not in ("loader", "train"):
-        fail("device", "is not one of loader, train")
-    for key in _PROBABILITIES:
-        if not number(getattr(cfg, key)) or not 0 <= getattr(cfg, key) <= 1:
-            fail(key, "is not a probability in [0, 1]")
-    for key in ("rotate_range", "elastic_magnitude", "intensity_shift_range", "noise_std"):
-        if not number(getattr(cfg, key)) or getattr(cfg, key) < 0:
-            fail(key, "must be a number >= 0")
-    if cfg.rotate_range > 180:
-        fail("rotate_range", "must be at most 180 degrees")
-    if not number(cfg.elastic_sigma) or cfg.elastic_sigma <= 0:
-        fail("elastic_sigma", "must be a number > 0")
-    for key, positive in _RANGES.items():
-        value = getattr(cfg, key)
-        if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(number(v) for v in value):
-            fail(key, "must be a [low, high] pair of numbers")
-        if value[0] > value[1]:
-            fail(key, "is inverted: low must not exceed high")
-        if value[0] < 0 or (positive and value[0] == 0):
-            fail(key, "must be > 0" if positive else "must be >= 0")
-    if not isinstance(cfg.gamma_retain_stats, bool):
-        fail("gamma_retain_stats", "must be true or false")

@@ -24,7 +24,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import sys
 import time
 import zlib
@@ -39,11 +38,11 @@ try:
 except ImportError:  # not POSIX: no lock (a shared cache then needs one builder)
     fcntl = None
 
-from engine.atomic import atomic_write
-from engine.config import DataConfig
-from engine.errors import UserError
-from engine.logger import Progress
-from engine.task import Task, builtin_tasks
+from core.atomic import atomic_write
+from core.config import DataConfig
+from core.errors import UserError
+from core.logger import Progress
+from core.task import Task, builtin_tasks
 from datasets.detect import file_label_values, label_values, resolve_task
 from datasets.io import Case, CaseError, Geometry, check_voxel_spacing, discover_cases, load_nifti, read_case
 from datasets.preprocess import preprocess_case
@@ -107,8 +106,6 @@ def prepare_cache(data_cfg: DataConfig, cases: list[Case] | None = None,
     task is ``data_cfg.task`` or, for "auto", detected from the case names, layout and label
     values (``datasets.detect``); data that fits no task or mixes tasks is a ``UserError``.
     """
-    if data_cfg.cache_workers < 0:
-        raise UserError(f"data.cache_workers must be >= 0, got {data_cfg.cache_workers}")
     extra = [] if data_cfg.task == "auto" or data_cfg.task in builtin_tasks() else [_task_label_file(data_cfg.task)]
     cases = discover_cases(data_cfg.root, extra) if cases is None else list(cases)
     labelled = _labelled_cases(cases, data_cfg.root)
@@ -143,12 +140,10 @@ def prepare_cache(data_cfg: DataConfig, cases: list[Case] | None = None,
 def target_spacing(setting, cases: list[Case], tasks: dict[str, Task]) -> tuple[float, float, float] | None:
     """``data.spacing`` resolved: ``None`` (null: no resampling), the given ``[x, y, z]`` mm, or for
     "auto" ``datasets.spatial.plan_spacing`` of the cases' spacings (canonical axes, read from the
-    headers only). ``UserError`` for a spacing that is not 3 positive numbers."""
+    headers only; the setting's range was validated with the config)."""
     if setting is None:
         return None
     if setting != "auto":
-        if len(setting) != 3 or not all(math.isfinite(v) and v > 0 for v in setting):
-            raise UserError(f"data.spacing: {setting!r} must be auto, null or 3 positive numbers (mm)")
         return tuple(float(v) for v in setting)
     spacings = []
     for case in cases:
@@ -159,7 +154,7 @@ def target_spacing(setting, cases: list[Case], tasks: dict[str, Task]) -> tuple[
 
 
 def _task_label_file(spec: str) -> str:
-    from engine.task import load_task
+    from core.task import load_task
     return load_task(spec).label_file
 
 

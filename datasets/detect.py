@@ -1,10 +1,10 @@
 """Which task a folder of cases belongs to (``data.task: auto``), from names, layout and label values.
 
     choice = resolve_task("auto", cases, cache_dir="cache")   # or a task name / task YAML path
-    choice.task                 # the dataset's task (engine.task.Task)
+    choice.task                 # the dataset's task (core.task.Task)
     choice.per_case[case_id]    # each case's own task: compatible with it (e.g. 2021 naming in 2023 data)
 
-The rules (``engine.task.choose_tasks``): the case-folder prefix narrows the candidates
+The rules (``core.task.choose_tasks``): the case-folder prefix narrows the candidates
 (``BraTS20xx_``, ``BraTS-GLI-``, ``-PED-``, ``-MET-``, ``-MEN-RT-``, ``-MEN-``, ``-SSA-``,
 MSD ``imagesTr/``), the label values decide between tasks that share a prefix (label 4 with
 ``BraTS-GLI-`` means the 2024 post-treatment task), and a folder whose cases belong to tasks
@@ -22,9 +22,9 @@ from typing import Sequence
 
 import numpy as np
 
+from core.atomic import atomic_write_text
+from core.task import CaseFacts, Task, TaskChoice, builtin_tasks, choose_tasks, load_task
 from datasets.io import Case, load_nifti, read_label
-from engine.atomic import atomic_write_text
-from engine.task import CaseFacts, Task, TaskChoice, builtin_tasks, choose_tasks, load_task
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def resolve_task(setting: str, cases: Sequence[Case], cache_dir: str | Path | No
 
 
 def choose_from_facts(facts: Sequence[CaseFacts], setting: str, prefer: Task | None = None) -> TaskChoice:
-    """``engine.task.choose_tasks`` over the built-in tasks (plus ``setting``'s and ``prefer``
+    """``core.task.choose_tasks`` over the built-in tasks (plus ``setting``'s and ``prefer``
     when they are not built in), with ``setting`` "auto" or a task name / YAML path."""
     tasks = list(builtin_tasks().values())
     explicit = None if setting == "auto" else load_task(setting)

@@ -5,7 +5,7 @@ same ``geometry``, so a prediction is written back with the input's affine, head
 construction::
 
     cases = discover_cases("data/brats")                  # any BraTS naming, or the MSD layout
-    images, seg, geom = read_case(cases[0], task)         # task: engine.task.Task
+    images, seg, geom = read_case(cases[0], task)         # task: core.task.Task
     # images: (C, X, Y, Z) float32, header scaling applied; seg: (X, Y, Z) uint8 file labels or None
     full = to_original(labels_on_the_cropped_canonical_grid, geom)  # after preprocessing (geom records it)
     write_segmentation(full, geom, "out/BraTS2021_00000.nii.gz")  # uint8, input's affine+header
@@ -30,10 +30,10 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 
+from core.atomic import atomic_path
+from core.errors import UserError
+from core.task import Task, builtin_tasks, canonical_modality
 from datasets.spatial import Orientation, canonical_affine, canonical_values, from_canonical, resampled_shape
-from engine.atomic import atomic_path
-from engine.errors import UserError
-from engine.task import Task, builtin_tasks, canonical_modality
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 MSD_IMAGE_FOLDERS = {"imagesTr": "labelsTr", "imagesTs": "labelsTs"}  # image folder -> its label folder
@@ -96,14 +96,13 @@ class Geometry:
     grid). Preprocessing (``datasets.preprocess``) records the rest: ``orientation`` (original ->
     canonical axes, ``datasets.spatial``; ``None`` = already canonical), ``crop_box`` ``((x0, x1),
     (y0, y1), (z0, z1))`` of the foreground in the canonical grid, and, when the crop was resampled,
-    ``target_spacing`` and ``resampled_shape`` (the model's grid). ``label_dtype`` is the on-disk
-    dtype of the label file (if any); ``task`` the name of the case's task once known.
+    ``target_spacing`` and ``resampled_shape`` (the model's grid). ``task`` is the name of the
+    case's task once known; ``source`` the first image file (for messages).
     """
 
     affine: np.ndarray
     header: nib.Nifti1Header | None
     shape: tuple[int, int, int]
-    label_dtype: str = "uint8"
     crop_box: tuple[tuple[int, int], ...] | None = None
     task: str | None = None
     source: str = ""
@@ -153,7 +152,7 @@ class Geometry:
     def to_json(self) -> dict:
         """JSON-safe record (without the binary header) for the preprocessing cache."""
         return {
-            "affine": self.affine.tolist(), "shape": list(self.shape), "label_dtype": self.label_dtype,
+            "affine": self.affine.tolist(), "shape": list(self.shape),
             "crop_box": [list(b) for b in self.crop_box] if self.crop_box else None,
             "task": self.task, "source": self.source,
             "orientation": [[axis, flip] for axis, flip in self.orientation] if self.orientation else None,
@@ -165,7 +164,7 @@ class Geometry:
     def from_json(cls, record: dict) -> "Geometry":
         box, orientation = record.get("crop_box"), record.get("orientation")
         return cls(affine=np.asarray(record["affine"], dtype=np.float64), header=None,
-                   shape=tuple(record["shape"]), label_dtype=record.get("label_dtype", "uint8"),
+                   shape=tuple(record["shape"]),
                    crop_box=tuple(tuple(b) for b in box) if box else None,
                    task=record.get("task"), source=record.get("source", ""),
                    orientation=tuple((int(a), bool(f)) for a, f in orientation) if orientation else None,
@@ -337,7 +336,6 @@ def read_case(case: Case, task: Task, modalities: Sequence[str] | None = None, w
         seg_img = load_nifti(case.seg)
         _check_same_grid(seg_img, ref, case.seg, ref_path)
         seg = read_label(seg_img, case.seg)
-        geometry.label_dtype = str(seg_img.get_data_dtype())
     return images, seg, geometry
 
 

@@ -33,9 +33,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from engine.config import Config
-from engine.errors import UserError
-from datasets.cache import CacheIndex, CachedCase
+from core.config import Config
+from datasets.cache import CachedCase, CacheIndex
 from datasets.sampling import choose_patch_start, extract_patch
 
 OPEN_CASES = 64  # memory-mapped cases kept open per worker (each holds two file handles)
@@ -58,11 +57,7 @@ class PatchDataset(Dataset):
             raise ValueError("case_ids must not be empty")
         if unknown:
             raise ValueError(f"case_ids: {unknown[0]!r} is not in the cache {cache.folder}")
-        patch = list(cfg.data.patch_size)
-        if len(patch) != 3 or min(patch) < 1:
-            raise UserError(f"data.patch_size must be 3 positive sizes, got {patch}")
-        if not 0.0 <= cfg.data.foreground_fraction <= 1.0:
-            raise UserError(f"data.foreground_fraction must be in [0, 1], got {cfg.data.foreground_fraction}")
+        patch = list(cfg.data.patch_size)  # data.* ranges: validated when the config was loaded
         if rank < 0:
             raise ValueError(f"rank must be >= 0, got {rank}")
         self.cache = cache
@@ -162,10 +157,6 @@ def build_train_loader(cache: CacheIndex, case_ids: list[str], cfg: Config, rank
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-    if cfg.data.batch_size < 1:
-        raise UserError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
-    if cfg.data.num_workers < 0:
-        raise UserError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
     dataset = PatchDataset(cache, case_ids, cfg, rank)
     workers = cfg.data.num_workers
     extra = {"persistent_workers": True, "prefetch_factor": PREFETCH_FACTOR,

@@ -20,33 +20,24 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from core.boxes import bounding_box, crop
+from core.task import Task
 from datasets.io import CaseError, Geometry
-from datasets.spatial import (canonical_orientation, canonical_values, check_resampled_size, foreground_mask, resample,
-                              resample_classes, resampled_shape, to_canonical)
-from engine.task import Task
+from datasets.spatial import (
+    canonical_orientation,
+    canonical_values,
+    check_resampled_size,
+    foreground_mask,
+    resample,
+    resample_classes,
+    resampled_shape,
+    to_canonical,
+)
 
 
 def brain_mask(images: np.ndarray) -> np.ndarray:
     """Brain = voxels nonzero in any modality. ``(C, X, Y, Z)`` -> ``(X, Y, Z)`` bool."""
     return (images != 0).any(axis=0)
-
-
-def bounding_box(mask: np.ndarray) -> tuple[tuple[int, int], ...]:
-    """``((x0, x1), (y0, y1), (z0, z1))`` half-open box of ``mask``; the full volume if empty."""
-    if not mask.any():
-        return tuple((0, int(s)) for s in mask.shape)
-    box = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        hits = np.flatnonzero(mask.any(axis=other))
-        box.append((int(hits[0]), int(hits[-1]) + 1))
-    return tuple(box)
-
-
-def crop(array: np.ndarray, box: tuple[tuple[int, int], ...]) -> np.ndarray:
-    """Crop the last three axes of ``array`` to ``box``."""
-    (x0, x1), (y0, y1), (z0, z1) = box
-    return array[..., x0:x1, y0:y1, z0:z1]
 
 
 def zscore_in_mask(images: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.atomic import atomic_write_text
-from engine.config import DataConfig
-from engine.errors import UserError
-
+from core.atomic import atomic_write_text
+from core.config import DataConfig
+from core.errors import UserError
 
 # BraTS-<cohort, possibly several words>-<patient number>-<time point>
 _TIMEPOINT_ID = re.compile(r"^(BraTS-(?:[A-Za-z]+-)+\d+)-\d+$", re.IGNORECASE)
@@ -43,8 +42,9 @@ def make_split(case_ids: list[str], data_cfg: DataConfig) -> dict[str, list[str]
 
 
 def kfold_split(case_ids: list[str], folds: int, fold: int, seed: int) -> dict[str, list[str]]:
-    """Fold ``fold`` of a ``folds``-fold split by patient (``patient_id``); ``UserError`` for bad
-    settings (names the key). Both lists are sorted.
+    """Fold ``fold`` of a ``folds``-fold split by patient (``patient_id``); ``UserError`` when there
+    are fewer patients than folds (the ranges of data.folds and data.fold are the config's). Both
+    lists are sorted.
 
     The split depends only on the set of ids and the seed. The patients (ordered by their first
     case id) are shuffled with ``seed``. Patients with several cases go first, largest first (ties
@@ -55,10 +55,6 @@ def kfold_split(case_ids: list[str], folds: int, fold: int, seed: int) -> dict[s
     validation folds differ in size by at most one case; with several time points they differ by
     as little as the patients' sizes allow.
     """
-    if folds < 2:
-        raise UserError(f"data.folds must be >= 2 for a k-fold split, got {folds} (or set data.split_file)")
-    if not 0 <= fold < folds:
-        raise UserError(f"data.fold must be in 0..{folds - 1}, got {fold}")
     ids = sorted(set(case_ids))
     groups: dict[str, list[str]] = {}
     for case_id in ids:  # sorted ids: patients ordered by their first case id

@@ -50,9 +50,9 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from engine.atomic import atomic_write_text
-from engine.errors import UserError, run_cli
-from engine.task import Task, builtin_tasks, load_task
+from core.atomic import atomic_write_text
+from core.errors import UserError, run_cli
+from core.task import Task, builtin_tasks, load_task
 from datasets.io import atomic_save
 
 DEFAULT_TASK = "brats-gli-2021"

@@ -15,26 +15,17 @@ from __future__ import annotations
 
 from torch import nn
 
+from core.task import output_mode  # the task schema says how outputs decode
 from losses.deep_supervision import DeepSupervisionLoss, deep_supervision_weights
 from losses.dice import DiceCELoss, soft_dice, soft_dice_loss
 from losses.region import RegionDiceBCELoss
 
-# loss name -> output mode of the network it trains
-LOSS_MODES = {"dice_ce": "labels", "region_dice_bce": "regions"}
-
-__all__ = ["build_loss", "output_mode", "LOSS_MODES", "DiceCELoss", "RegionDiceBCELoss",
+__all__ = ["build_loss", "output_mode", "DiceCELoss", "RegionDiceBCELoss",
            "DeepSupervisionLoss", "deep_supervision_weights", "soft_dice", "soft_dice_loss"]
 
 
-def output_mode(loss_cfg) -> str:
-    """``"labels"`` for ``dice_ce``, ``"regions"`` for ``region_dice_bce``."""
-    if loss_cfg.name not in LOSS_MODES:
-        raise ValueError(f"unknown loss {loss_cfg.name!r} (valid: {', '.join(LOSS_MODES)})")
-    return LOSS_MODES[loss_cfg.name]
-
-
 def build_loss(loss_cfg, task) -> nn.Module:
-    """The loss named by ``loss_cfg.name`` for ``task`` (an ``engine.task.Task``), wrapped for deep
+    """The loss named by ``loss_cfg.name`` for ``task`` (an ``core.task.Task``), wrapped for deep
     supervision (a plain tensor prediction passes straight through)."""
     mode = output_mode(loss_cfg)
     if loss_cfg.name == "dice_ce":

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.task import OUTPUT_MODES, Task
+from core.task import OUTPUT_MODES, Task
 
 
 def deep_supervision_weights(n: int) -> list[float]:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.task import Task
+from core.task import Task
 from losses.dice import check_weights, soft_dice_loss
 
 

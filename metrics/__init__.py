@@ -1,7 +1,7 @@
-"""BraTS evaluation, driven by a task (``engine.task.Task``): Dice, sensitivity, specificity, HD95
+"""BraTS evaluation, driven by a task (``core.task.Task``): Dice, sensitivity, specificity, HD95
 and NSD of the task's regions, legacy and lesion-wise.
 
-    from engine.task import load_task
+    from core.task import load_task
     from metrics import case_metrics, aggregate, format_table, write_report
     task = load_task("brats-met")
     scores = case_metrics(pred_classes, ref_classes, spacing, task, convention="lesionwise")
@@ -17,8 +17,7 @@ from metrics.files import evaluate_files, pair_cases, read_classes, reference_fi
 from metrics.lesionwise import LESION_MISS_HD95, lesionwise_metrics
 from metrics.overlap import confusion_matrix, overlap_metrics, region_counts
 from metrics.report import aggregate, format_table, means, write_report
-from metrics.surface import (LEGACY_EMPTY_HD95, NSD_TOLERANCES, hd95, legacy_hd95, nsd, surface_distances,
-                             surface_scores)
+from metrics.surface import LEGACY_EMPTY_HD95, NSD_TOLERANCES, hd95, legacy_hd95, nsd, surface_distances, surface_scores
 
 __all__ = [
     "CONVENTIONS", "RULES", "binary_metrics", "case_metrics", "evaluate_labels", "rules_text",

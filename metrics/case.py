@@ -21,11 +21,11 @@ from typing import Sequence
 
 import numpy as np
 
-from datasets.preprocess import bounding_box, crop
-from engine.task import LesionRule, Task
+from core.boxes import bounding_box, crop, expand_box
+from core.task import LesionRule, Task
 from metrics.lesionwise import LESION_MISS_HD95, lesionwise_metrics
 from metrics.overlap import Counts, confusion_matrix, mask_counts, overlap_metrics, region_counts
-from metrics.surface import LEGACY_EMPTY_HD95, NSD_TOLERANCES, SURFACE_KEYS, check_spacing, expand_box, surface_scores
+from metrics.surface import LEGACY_EMPTY_HD95, NSD_TOLERANCES, SURFACE_KEYS, check_spacing, surface_scores
 
 CONVENTIONS = ("legacy", "lesionwise")
 
@@ -104,7 +104,7 @@ def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], ta
     ``0..task.num_classes - 1``.
     """
     if not isinstance(task, Task):
-        raise TypeError(f"case_metrics needs a Task (engine.task.load_task), got {type(task).__name__}")
+        raise TypeError(f"case_metrics needs a Task (core.task.load_task), got {type(task).__name__}")
     check_convention(convention)
     spacing = check_spacing(spacing)
     pred, ref = np.asarray(pred), np.asarray(ref)

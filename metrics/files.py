@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from core.errors import UserError
+from core.task import Task
 from datasets.io import NIFTI_SUFFIXES, discover_cases, load_nifti, read_label
-from engine.errors import UserError
-from engine.task import Task
 from metrics.case import case_metrics, check_same_regions
 
 _LABEL_SUFFIX = re.compile(r"[_-](seg|gtv)$", re.IGNORECASE)

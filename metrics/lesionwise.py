@@ -55,9 +55,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from datasets.preprocess import bounding_box, crop
-from metrics.surface import (NSD_TOLERANCES, check_spacing, expand_box, nsd_from_distances, nsd_key,
-                             surface_distances)
+from core.boxes import bounding_box, crop, expand_box
+from metrics.surface import NSD_TOLERANCES, check_spacing, nsd_from_distances, nsd_key, surface_distances
 
 LESION_MISS_HD95 = 374.0  # HD95 of a missed lesion and of each false positive (mm)
 EIGHTEEN_CONNECTED = ndimage.generate_binary_structure(3, 2)  # dilation structure of the official code

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.task import Task
+from core.task import Task
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.atomic import atomic_write_text
-
-from engine.task import Task
+from core.atomic import atomic_write_text, json_default
+from core.task import Task
 from metrics.case import rules_text
 
 TABLE_METRICS = (("dice", "Dice"), ("sensitivity", "Sensitivity"), ("specificity", "Specificity"),
@@ -92,7 +91,7 @@ def write_report(per_case: dict[str, dict], summary: dict[str, dict], json_path:
         "mean": means(summary),
         "summary": summary,
     }
-    atomic_write_text(Path(json_path), json.dumps(report, indent=2, default=_json_default) + "\n")
+    atomic_write_text(Path(json_path), json.dumps(report, indent=2, default=json_default) + "\n")
     atomic_write_text(Path(csv_path), _csv_text(per_case, list(task.region_names)))
 
 
@@ -134,11 +133,3 @@ def _csv_value(value) -> str:
     if isinstance(value, (float, np.floating)):
         return repr(float(value))
     return str(value)
-
-
-def _json_default(value):
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")

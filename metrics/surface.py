@@ -51,7 +51,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from datasets.preprocess import bounding_box, crop
+from core.boxes import bounding_box, crop
 
 # legacy BraTS HD95 when exactly one mask is empty: the diagonal of the 240x240x155 1 mm volume
 LEGACY_EMPTY_HD95 = 373.13
@@ -73,12 +73,6 @@ def check_spacing(spacing: Sequence[float], ndim: int = 3) -> tuple[float, ...]:
     if len(values) != ndim or not all(np.isfinite(v) and v > 0 for v in values):
         raise ValueError(f"spacing must be {ndim} positive numbers, got {tuple(spacing)}")
     return values
-
-
-def expand_box(box: tuple[tuple[int, int], ...], margin: int, shape: Sequence[int]
-               ) -> tuple[tuple[int, int], ...]:
-    """Grow a half-open box by ``margin`` voxels per side, clipped to ``shape``."""
-    return tuple((max(0, a - margin), min(int(n), b + margin)) for (a, b), n in zip(box, shape))
 
 
 def border(mask: np.ndarray) -> np.ndarray:

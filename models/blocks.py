@@ -12,7 +12,6 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-
 Stride = int | tuple[int, int, int]  # one stride for all axes, or one per axis
 
 

@@ -1,7 +1,7 @@
 """Model registry: ``model.name`` -> network class; the config section ``model.<name>`` holds its arguments.
 
 Each class takes ``(in_channels, out_channels, **section, checkpointing=...)``, where the keys of the
-section (``engine/config.py``: ``UNet3DConfig``, ``SwinUNETRConfig``) are its constructor arguments.
+section (``core/config.py``: ``UNet3DConfig``, ``SwinUNETRConfig``) are its constructor arguments.
 To add a network: write the class (validating arguments, with ``check_input_size``), add it to
 ``MODELS`` and add its config section to ``ModelConfig``.
 """
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from engine.config import ConfigError, ModelConfig
+from core.config import ConfigError, ModelConfig
 from models.swin_unetr import SwinUNETR
 from models.unet3d import UNet3D
 

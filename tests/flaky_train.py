@@ -11,7 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train  # noqa: E402
-from engine.errors import run_cli  # noqa: E402
+from core.errors import run_cli  # noqa: E402
 
 
 def main() -> None:

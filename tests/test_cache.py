@@ -9,9 +9,9 @@ import pytest
 
 import datasets.cache as cache_module
 import datasets.detect as detect_module
-from engine.config import DataConfig
-from engine.task import builtin_tasks
-from engine.errors import UserError
+from core.config import ConfigError, DataConfig, from_dict
+from core.errors import UserError
+from core.task import builtin_tasks
 from datasets.cache import prepare_cache
 from datasets.io import atomic_save, discover_cases, read_case
 from datasets.preprocess import preprocess_case
@@ -310,5 +310,5 @@ def test_native_space_cases_are_resampled_to_the_planned_spacing(tmp_path):
     none = prepare_cache(config(tmp_path / "data", tmp_path, spacing=None), show_progress=False)
     assert none.spacing is None and none.folder != index.folder
     assert none.load("BraTS2021_00001").geometry.resampled_shape is None
-    with pytest.raises(UserError, match=r"data.spacing: \[1.0, 0.0, 1.0\] must be auto, null or 3 positive numbers"):
-        prepare_cache(config(tmp_path / "data", tmp_path, spacing=[1.0, 0.0, 1.0]), show_progress=False)
+    with pytest.raises(ConfigError, match=r"data.spacing: \[1.0, 0.0, 1.0\] must be auto, null or 3 positive"):
+        from_dict({"data": {"spacing": [1.0, 0.0, 1.0]}})  # refused when the config is loaded

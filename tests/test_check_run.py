@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from bench.check_run import check_predictions, check_run, main
-from engine.checkpoint import save_checkpoint
-from engine.task import builtin_tasks
+from core.checkpoint import save_checkpoint
+from core.task import builtin_tasks
 
 TASK = builtin_tasks()["brats-gli-2021"]
 

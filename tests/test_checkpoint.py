@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from engine.checkpoint import FORMAT, load_checkpoint, save_checkpoint, stored_task, unwrap_model
-from engine.errors import UserError, run_cli
-from engine.task import builtin_tasks
+from core.checkpoint import FORMAT, load_checkpoint, save_checkpoint, stored_task, unwrap_model
+from core.errors import UserError, run_cli
+from core.task import builtin_tasks
 
 
 def minimal_state():

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine.config import Config, ConfigError, from_dict, load_config, parse_override, save_config, to_dict
+from core.config import Config, ConfigError, from_dict, load_config, parse_override, save_config, to_dict
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -58,6 +58,54 @@ def test_parse_override(item, expected):
 def test_invalid_raises_naming_key(raw, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
         from_dict(raw)
+
+
+@pytest.mark.parametrize("key, value, rule", [
+    ("data.spacing", [1.0, 0.0, 1.0], "must be auto, null or 3 positive numbers"),
+    ("data.patch_size", [16, 16], "must be 3 positive sizes"),
+    ("data.patch_size", [16, 0, 16], "must be 3 positive sizes"),
+    ("data.batch_size", 0, "must be >= 1"),
+    ("data.num_workers", -1, "must be >= 0"),
+    ("data.cache_workers", -1, "must be >= 0"),
+    ("data.foreground_fraction", 1.5, "must be in [0, 1]"),
+    ("data.folds", 1, "must be >= 2 for a k-fold split"),
+    ("data.fold", 5, "must be in 0..4"),
+    ("data.synthetic_cases", -2, "must be >= 0"),
+    ("data.synthetic_shape", [64, 64], "must be 3 positive sizes"),
+    ("augment.flip_prob", 1.5, "is not a probability in [0, 1]"),
+    ("augment.rotate_range", 270.0, "must be at most 180 degrees"),
+    ("augment.scale_range", [1.4, 0.7], "is inverted"),
+    ("augment.blur_sigma", [-1.0, 0.5], "must be >= 0"),
+    ("train.epochs", 0, "must be >= 1"),
+    ("train.iters_per_epoch", 0, "must be >= 1"),
+    ("train.warmup_epochs", 200, "must be in [0, train.epochs=100]"),
+    ("train.lr", 0.0, "must be > 0"),
+    ("train.weight_decay", -1.0, "must be >= 0"),
+    ("train.momentum", 1.0, "must be in [0, 1)"),
+    ("train.grad_clip", -1.0, "must be >= 0"),
+    ("train.val_every", 0, "must be >= 1"),
+    ("train.log_every", 0, "must be >= 1"),
+    ("train.cpu_threads", -1, "must be >= 0"),
+    ("train.time_limit", -1.0, "must be >= 0"),
+    ("train.checkpoint_every", -5, "must be >= 0"),
+    ("infer.overlap", 1.5, "must be in [0, 1)"),
+    ("infer.overlap", -0.1, "must be in [0, 1)"),
+    ("infer.sw_batch_size", 0, "must be >= 1"),
+    ("infer.gaussian_sigma", 0.0, "must be > 0"),
+    ("infer.region_threshold", 1.0, "must be in (0, 1)"),
+    ("infer.min_component_size", [10.0, -1.0, 5.0], "must be sizes >= 0"),
+    ("infer.et_min_volume", -3.0, "must be >= 0"),
+])
+def test_every_range_is_checked_when_the_config_is_loaded(tmp_path, key, value, rule):
+    """One place (core.config.validate), on every entry point: a YAML file, an override, a stored config."""
+    section, name = key.split(".")
+    pattern = f"{key}: {value!r} {rule}".replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")
+    with pytest.raises(ConfigError, match=pattern):
+        from_dict({section: {name: value}})
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(write_yaml(tmp_path, {section: {name: value}}))
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, [f"{key}={value}"])
 
 
 def test_int_accepted_for_float_and_literal_as_int():

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import evaluate
-from engine.errors import run_cli
-from engine.task import builtin_tasks
+from core.errors import run_cli
+from core.task import builtin_tasks
 from metrics import case_metrics, hd95
 
 TASKS = builtin_tasks()
@@ -310,8 +310,8 @@ def test_tune_postprocessing_writes_rules_infer_reads(tmp_path, capsys):
     assert "tuned on 2 validation case(s)" in record["source"]
     assert not (tmp_path / "fold0" / "evaluation.json").exists()  # the rules file instead of a report
 
-    from engine.postprocess import postprocess_classes
     from infer import read_postprocessing
+    from inference.postprocess import postprocess_classes
     task = TASKS["brats-gli-2023"]
     rules, source = read_postprocessing(rules_path, task)
     assert rules.unit == "mm3" and source == record["source"]  # both units separate them: mm^3 wins the tie

@@ -1,4 +1,4 @@
-"""infer.py and engine/predict.py end to end on tiny BraTS-format cases written here.
+"""infer.py and inference/predict.py end to end on tiny BraTS-format cases written here.
 
 Most tests use ``ThresholdNet``, a hand-made "network" whose class at each voxel is a fixed function
 of the z-scored first modality there, so the expected mask of any input is known exactly: that
@@ -23,14 +23,14 @@ import torch
 from torch import nn
 
 import infer
+from core.checkpoint import save_checkpoint
+from core.config import Config, InferConfig, to_dict
+from core.errors import UserError, run_cli
+from core.task import builtin_tasks
 from datasets.io import Case
 from datasets.preprocess import brain_mask, zscore_in_mask
-from engine.checkpoint import save_checkpoint
-from engine.config import Config, InferConfig, to_dict
-from engine.errors import UserError, run_cli
-from engine.predict import load_models, override_infer_config, predict_case
-from engine.render import dice_line, render_case
-from engine.task import builtin_tasks
+from inference.predict import load_models, override_infer_config, predict_case
+from inference.render import dice_line, render_case
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (22, 19, 14)
@@ -154,7 +154,7 @@ def unet_checkpoint(path: Path, convention: str = "2021", seed: int = 0, mode: s
 def threshold_net(monkeypatch):
     """Make checkpoints rebuild ``ThresholdNet`` instead of the configured network (its mode comes
     back with the checkpoint's weights)."""
-    monkeypatch.setattr("engine.predict.build_model",
+    monkeypatch.setattr("inference.predict.build_model",
                         lambda model_cfg, in_ch, out_ch, patch_size=None: ThresholdNet(out_ch))
 
 
@@ -246,7 +246,7 @@ def test_probabilities_and_png(tmp_path, threshold_net):
     np.testing.assert_array_equal(p.argmax(-1), expected_classes(images))
     assert (p[:3, ..., 0] > 0.99).all()  # outside the brain crop: certain background
 
-    # the picture of engine/render.py: FLAIR, prediction and reference rows, the case's Dice line
+    # the picture of inference/render.py: FLAIR, prediction and reference rows, the case's Dice line
     task = TASK_OF["2021"]
     metrics = json.loads((out / "metrics.json").read_text())["cases"][cid]
     expected = render_case(images[3], expected_classes(images), expected_classes(images), make_affine("lps"), task,
@@ -741,7 +741,7 @@ def test_cli_subprocess_real_unet_and_bad_override(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# engine.predict: ensembles, overrides, checkpoints that disagree
+# inference.predict: ensembles, overrides, checkpoints that disagree
 # ----------------------------------------------------------------------------------------------
 def test_ensemble_of_two_copies_equals_one(tmp_path):
     ckpt = unet_checkpoint(tmp_path / "a.pt")
@@ -806,7 +806,7 @@ def test_override_infer_config():
 
 
 def test_resolve_device():
-    from engine.predict import resolve_device
+    from inference.predict import resolve_device
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(UserError, match="infer.device"):

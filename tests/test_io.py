@@ -7,10 +7,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from engine.errors import UserError
-from engine.task import builtin_tasks
-from datasets.io import (CaseError, Geometry, discover_cases, read_case, to_original, write_probabilities,
-                         write_segmentation)
+from core.errors import UserError
+from core.task import builtin_tasks
+from datasets.io import (
+    CaseError,
+    Geometry,
+    discover_cases,
+    read_case,
+    to_original,
+    write_probabilities,
+    write_segmentation,
+)
 from datasets.preprocess import preprocess_case
 
 TASKS = builtin_tasks()
@@ -183,12 +190,12 @@ def test_probabilities_round_trip(tmp_path):
 
 
 def test_geometry_json_round_trip():
-    geometry = Geometry(affine=AFFINES["oblique"], header=None, shape=SHAPE, label_dtype="int16",
+    geometry = Geometry(affine=AFFINES["oblique"], header=None, shape=SHAPE,
                         crop_box=((1, 11), (0, 10), (2, 8)), task="brats-gli-2023", source="x.nii.gz")
     back = Geometry.from_json(geometry.to_json())
     np.testing.assert_array_equal(back.affine, geometry.affine)
-    assert (back.shape, back.crop_box, back.task, back.label_dtype) == (SHAPE, geometry.crop_box, "brats-gli-2023",
-                                                                        "int16")
+    assert (back.shape, back.crop_box, back.task, back.source) == (SHAPE, geometry.crop_box, "brats-gli-2023",
+                                                                    "x.nii.gz")
     assert back.cropped_shape == (10, 10, 6)
     np.testing.assert_allclose(back.spacing, (1.2, 1.2, 1.0))
 

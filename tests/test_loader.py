@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import datasets.loader as loader_module
-from engine.config import load_config
-from engine.errors import UserError
+from core.config import load_config
+from core.errors import UserError
 from datasets.cache import prepare_cache
 from datasets.loader import EpochSampler, PatchDataset, build_train_loader, init_worker
 from datasets.synthetic import generate_dataset

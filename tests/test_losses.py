@@ -6,12 +6,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.config import LossConfig
-from engine.task import builtin_tasks
-from losses import (DeepSupervisionLoss, DiceCELoss, RegionDiceBCELoss, build_loss,
-                    deep_supervision_weights, output_mode, soft_dice, soft_dice_loss)
+from core.config import LossConfig
+from core.task import builtin_tasks
+from losses import (
+    DeepSupervisionLoss,
+    DiceCELoss,
+    RegionDiceBCELoss,
+    build_loss,
+    deep_supervision_weights,
+    output_mode,
+    soft_dice,
+    soft_dice_loss,
+)
 from losses.deep_supervision import downsample_classes, downsample_regions
-
 
 GLI = builtin_tasks()["brats-gli-2023"]  # classes 1 NETC, 2 SNFH, 3 ET; regions WT, TC, ET
 GLI_2024 = builtin_tasks()["brats-gli-2024"]  # + class 4 RC, its own region outside WT

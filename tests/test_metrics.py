@@ -10,12 +10,30 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
-from engine.errors import UserError
-from engine.task import builtin_tasks, load_task
-from metrics import (LEGACY_EMPTY_HD95, LESION_MISS_HD95, aggregate, binary_metrics, case_metrics,
-                     confusion_matrix, evaluate_files, evaluate_labels, format_table, hd95, legacy_hd95,
-                     lesionwise_metrics, nsd, pair_cases, read_classes, reference_files, rules_text,
-                     surface_distances, surface_scores, write_report)
+from core.errors import UserError
+from core.task import builtin_tasks, load_task
+from metrics import (
+    LEGACY_EMPTY_HD95,
+    LESION_MISS_HD95,
+    aggregate,
+    binary_metrics,
+    case_metrics,
+    confusion_matrix,
+    evaluate_files,
+    evaluate_labels,
+    format_table,
+    hd95,
+    legacy_hd95,
+    lesionwise_metrics,
+    nsd,
+    pair_cases,
+    read_classes,
+    reference_files,
+    rules_text,
+    surface_distances,
+    surface_scores,
+    write_report,
+)
 
 GLI23 = load_task("brats-gli-2023")
 GLI24 = load_task("brats-gli-2024")

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.task import builtin_tasks
-from engine.config import ModelConfig, load_config
-from engine.errors import UserError
+from core.config import ModelConfig, load_config
+from core.errors import UserError
+from core.task import builtin_tasks
 from losses import output_mode
 from models import MODELS, ModelConfigError, SwinUNETR, UNet3D, build_model, count_parameters
-from models.swin_unetr import (SwinBlock, attention_allowed, relative_position_index, window_geometry)
+from models.swin_unetr import SwinBlock, attention_allowed, relative_position_index, window_geometry
 
 ROOT = Path(__file__).resolve().parents[1]
 

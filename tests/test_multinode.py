@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
+from core.checkpoint import load_checkpoint
 from datasets.synthetic import generate_dataset
-from engine.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -13,10 +13,10 @@ import yaml
 
 import infer
 import train
+from core.checkpoint import load_checkpoint
+from core.errors import run_cli
 from datasets.io import discover_cases
 from datasets.synthetic import generate_dataset
-from engine.checkpoint import load_checkpoint
-from engine.errors import run_cli
 
 
 def run(main, argv) -> tuple[int, str, str]:

@@ -23,16 +23,16 @@ ort = pytest.importorskip("onnxruntime")
 
 import export  # noqa: E402
 import infer  # noqa: E402
+from core.checkpoint import save_checkpoint  # noqa: E402
+from core.config import Config, to_dict  # noqa: E402
+from core.errors import UserError, run_cli  # noqa: E402
+from core.task import builtin_tasks, logits_to_probabilities  # noqa: E402
 from datasets.io import Case, read_case  # noqa: E402
 from datasets.preprocess import preprocess_case  # noqa: E402
-from engine import onnx_model  # noqa: E402
-from engine.checkpoint import save_checkpoint  # noqa: E402
-from engine.config import Config, to_dict  # noqa: E402
-from engine.errors import UserError, run_cli  # noqa: E402
-from engine.onnx_export import VERIFY_TOLERANCE, export_network  # noqa: E402
-from engine.onnx_model import FORMAT, OnnxModel, load_onnx_model, spec_from_metadata, spec_metadata  # noqa: E402
-from engine.predict import ModelSpec, auto_backend, choose_backend, load_model, load_models, predict_case  # noqa: E402
-from engine.task import builtin_tasks, logits_to_probabilities  # noqa: E402
+from inference import onnx_model  # noqa: E402
+from inference.onnx_export import VERIFY_TOLERANCE, export_network  # noqa: E402
+from inference.onnx_model import FORMAT, OnnxModel, load_onnx_model, spec_from_metadata, spec_metadata  # noqa: E402
+from inference.predict import ModelSpec, auto_backend, choose_backend, load_model, load_models, predict_case  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = builtin_tasks()
@@ -420,7 +420,7 @@ def test_choose_backend(tmp_path, exported, monkeypatch, capsys):
     ("cpu", ["a.onnx", "b.onnx"], 800, True, "torch"),  # nothing to export
 ])
 def test_auto_backend(monkeypatch, device, paths, passes, installed, expected):
-    import engine.onnx_export as onnx_export
+    import inference.onnx_export as onnx_export
     monkeypatch.setattr(onnx_export, "exporter_available", lambda: installed)
     backend, why = auto_backend(paths, torch.device(device), passes)
     assert backend == expected and why
@@ -435,7 +435,7 @@ def test_auto_backend_stays_in_pytorch_when_the_export_fails(tmp_path, monkeypat
     assert "infer.backend=auto: 8 network passes over cases on the CPU; exported in memory" in capsys.readouterr().out
     assert choose_backend(models, [ckpt], spec, "auto", cpu, passes=1) == models
 
-    import engine.onnx_export as onnx_export
+    import inference.onnx_export as onnx_export
 
     def cannot_export(*args, **kwargs):
         raise UserError(f"{ckpt}: unet3d cannot be exported to ONNX (an unsupported operator)")

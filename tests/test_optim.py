@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine.optim import LRSchedule, apply_hyperparameters, build_optimizer, lr_factor
+from core.optim import LRSchedule, apply_hyperparameters, build_optimizer, lr_factor
 
 
 @pytest.mark.parametrize("iteration,total,warmup,schedule,expected", [
@@ -124,15 +124,9 @@ def test_adamw_and_frozen_parameters():
     assert opt.param_groups[0]["weight_decay"] == 0.05
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(lr=0.0), "train.lr"),
-    (dict(weight_decay=-1.0), "train.weight_decay"),
-    (dict(momentum=1.0), "train.momentum"),
-    (dict(optimizer="lamb"), "train.optimizer"),
-])
-def test_build_optimizer_rejects_bad_settings(kw, match):
-    with pytest.raises(ValueError, match=match):
-        build_optimizer(_net(), _train_cfg(**kw))
+def test_build_optimizer_rejects_an_unknown_optimizer():
+    with pytest.raises(ValueError, match="train.optimizer"):  # the ranges of train.* are the config's (test_config)
+        build_optimizer(_net(), _train_cfg(optimizer="lamb"))
 
 
 def test_hyperparameters_overridden_on_resume_take_effect():

@@ -3,9 +3,9 @@ or not), the enhancing label relabelled below a volume."""
 import numpy as np
 import pytest
 
-from engine.config import InferConfig
-from engine.postprocess import Rules, largest_component, postprocess_classes, remove_small_components
-from engine.task import builtin_tasks
+from core.config import InferConfig
+from core.task import builtin_tasks
+from inference.postprocess import Rules, largest_component, postprocess_classes, remove_small_components
 
 TASKS = builtin_tasks()
 GLI = TASKS["brats-gli-2021"]

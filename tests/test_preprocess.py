@@ -2,9 +2,10 @@
 import numpy as np
 import pytest
 
+from core.boxes import bounding_box, crop
+from core.task import builtin_tasks
 from datasets.io import Geometry
-from datasets.preprocess import bounding_box, brain_mask, crop, preprocess_case, zscore_in_mask
-from engine.task import builtin_tasks
+from datasets.preprocess import brain_mask, preprocess_case, zscore_in_mask
 
 TASKS = builtin_tasks()
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # the canonical voxel order: not reoriented

@@ -3,7 +3,7 @@ import ast
 import re
 from pathlib import Path
 
-from engine.config import Config, to_dict
+from core.config import Config, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -52,7 +52,7 @@ def tensorboard_tags(path: Path) -> set[str]:
 def test_every_tensorboard_tag_is_documented():
     """The Training outputs paragraph names every tag train.py writes (a per-region tag as e.g.
     `val/dice_<region>`)."""
-    tags = tensorboard_tags(ROOT / "train.py") | tensorboard_tags(ROOT / "engine" / "logger.py")
+    tags = tensorboard_tags(ROOT / "train.py") | tensorboard_tags(ROOT / "core" / "logger.py")
     assert {"train/loss", "val/panel", "val/dice_*"} <= tags  # the scan finds them
     outputs = README[README.index("**Outputs** (`out_dir`"):README.index("## Inference")]
     missing = [t for t in sorted(tags) if (f"`{t[:-1]}" if t.endswith("*") else f"`{t}`") not in outputs]

@@ -1,4 +1,4 @@
-"""engine/render.py: the picture of a case (infer.py --png and the TensorBoard panel of train.py).
+"""inference/render.py: the picture of a case (infer.py --png and the TensorBoard panel of train.py).
 
 Orientation is checked against world coordinates computed here from the affine (not with
 nibabel's orientation code the renderer uses): a marker on the patient's right, anterior and
@@ -11,9 +11,9 @@ import os
 import numpy as np
 import pytest
 
-from engine import render
-from engine.render import as_chw, dice_line, render_case, render_case_layout, save_png
-from engine.task import builtin_tasks
+from core.task import builtin_tasks
+from inference import render
+from inference.render import as_chw, dice_line, render_case, render_case_layout, save_png
 
 TASKS = builtin_tasks()
 GLI = TASKS["brats-gli-2021"]  # NCR (1) red, ED (2) green, ET (4) yellow

@@ -6,8 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from engine.sliding_window import (FLIP_DIMS, compute_steps, gaussian_importance_map, sliding_window_predict,
-                                   window_starts)
+from inference.sliding_window import (
+    FLIP_DIMS,
+    compute_steps,
+    gaussian_importance_map,
+    sliding_window_predict,
+    window_starts,
+)
 
 
 class Identity(nn.Module):
@@ -235,7 +240,7 @@ class OutOfMemoryAbove(nn.Module):
 
 
 def test_out_of_memory_retries_one_group_at_a_time(caplog):
-    from engine.sliding_window import _forward_or_split
+    from inference.sliding_window import _forward_or_split
     model, inputs = OutOfMemoryAbove(limit=2), torch.arange(16.0).reshape(8, 2)
     out = _forward_or_split(model, inputs, group=2)
     assert torch.equal(out, 2 * inputs)
@@ -244,6 +249,6 @@ def test_out_of_memory_retries_one_group_at_a_time(caplog):
 
 
 def test_out_of_memory_of_a_single_group_is_raised():
-    from engine.sliding_window import _forward_or_split
+    from inference.sliding_window import _forward_or_split
     with pytest.raises(torch.cuda.OutOfMemoryError):
         _forward_or_split(OutOfMemoryAbove(limit=1), torch.zeros(2, 3), group=2)

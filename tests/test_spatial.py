@@ -8,12 +8,23 @@ import numpy as np
 import pytest
 import torch
 
+from core.task import builtin_tasks
 from datasets.io import CaseError, Geometry, discover_cases, read_case, to_original, write_segmentation
 from datasets.preprocess import preprocess_case, restore_probabilities
-from datasets.spatial import (MAX_VOXELS, canonical_orientation, foreground_mask, from_canonical, otsu_threshold,
-                              plan_spacing, plan_strides, pooling_problem, resample, resample_classes, resampled_shape,
-                              to_canonical)
-from engine.task import builtin_tasks
+from datasets.spatial import (
+    MAX_VOXELS,
+    canonical_orientation,
+    foreground_mask,
+    from_canonical,
+    otsu_threshold,
+    plan_spacing,
+    plan_strides,
+    pooling_problem,
+    resample,
+    resample_classes,
+    resampled_shape,
+    to_canonical,
+)
 
 GLI = builtin_tasks()["brats-gli-2021"]
 SHAPE = (9, 7, 5)

@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from engine.config import DataConfig
-from engine.errors import UserError
+from core.config import ConfigError, DataConfig, from_dict
+from core.errors import UserError
 from datasets.split import kfold_split, make_split, patient_id, save_split
 
 IDS = [f"BraTS2021_{i:05d}" for i in range(11)]
@@ -42,11 +42,17 @@ def test_kfold_depends_on_seed():
     assert a != b
 
 
-@pytest.mark.parametrize("folds,fold,match", [(1, 0, "data.folds"), (3, 3, "data.fold must"), (3, -1, "data.fold must"),
-                                              (12, 0, "only 11 labelled")])
-def test_kfold_bad_settings(folds, fold, match):
-    with pytest.raises(UserError, match=match):
-        make_split(IDS, DataConfig(folds=folds, fold=fold))
+@pytest.mark.parametrize("folds,fold,match", [(1, 0, "data.folds"), (3, 3, "data.fold: 3 must"),
+                                              (3, -1, "data.fold: -1 must")])
+def test_kfold_bad_settings_are_config_errors(folds, fold, match):
+    with pytest.raises(ConfigError, match=match):
+        from_dict({"data": {"folds": folds, "fold": fold}})
+    from_dict({"data": {"folds": 0, "fold": 5, "split_file": "split.json"}})  # no k-fold split: not checked
+
+
+def test_kfold_needs_a_patient_per_fold():
+    with pytest.raises(UserError, match="only 11 labelled"):
+        make_split(IDS, DataConfig(folds=12, fold=0))
 
 
 def _write(tmp_path, content) -> str:

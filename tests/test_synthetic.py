@@ -7,10 +7,21 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from engine.errors import run_cli
-from engine.task import TaskError, builtin_tasks, load_task
-from datasets.synthetic import (brats_affine, case_arrays, case_files, case_id, generate_case, generate_dataset,
-                                main, msd_files, smooth_field, synthesize_case, tumour_kind)
+from core.errors import run_cli
+from core.task import TaskError, builtin_tasks, load_task
+from datasets.synthetic import (
+    brats_affine,
+    case_arrays,
+    case_files,
+    case_id,
+    generate_case,
+    generate_dataset,
+    main,
+    msd_files,
+    smooth_field,
+    synthesize_case,
+    tumour_kind,
+)
 
 SHAPE = (32, 32, 24)
 CASES = 6  # per task: enough for every label of every task to appear (seed 0)

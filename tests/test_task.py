@@ -1,4 +1,4 @@
-"""engine/task.py: the task schema of every built-in task, its YAML checks, and task detection."""
+"""core/task.py: the task schema of every built-in task, its YAML checks, and task detection."""
 import re
 
 import numpy as np
@@ -6,8 +6,16 @@ import pytest
 import torch
 import yaml
 
-from engine.task import (CaseFacts, Task, TaskError, builtin_tasks, canonical_modality, choose_tasks, legacy_task,
-                         load_task)
+from core.task import (
+    CaseFacts,
+    Task,
+    TaskError,
+    builtin_tasks,
+    canonical_modality,
+    choose_tasks,
+    legacy_task,
+    load_task,
+)
 
 TASKS = builtin_tasks()
 NAMES = sorted(TASKS)
@@ -301,7 +309,7 @@ def test_prefer_picks_the_checkpoint_task_for_unlabelled_cases():
 
 
 def test_builtin_yaml_files_cite_their_source():
-    from engine.task import BUILTIN_DIR
+    from core.task import BUILTIN_DIR
     for path in BUILTIN_DIR.glob("*.yaml"):
         text = path.read_text()
         assert re.search(r"^# .*Source", text, re.MULTILINE | re.IGNORECASE) or "Sources:" in text, path.name

@@ -13,10 +13,10 @@ import yaml
 
 import infer
 import train
+from core.checkpoint import load_checkpoint
+from core.errors import run_cli
+from core.task import builtin_tasks
 from datasets.io import discover_cases
-from engine.checkpoint import load_checkpoint
-from engine.errors import run_cli
-from engine.task import builtin_tasks
 
 TASKS = builtin_tasks()
 

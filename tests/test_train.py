@@ -15,9 +15,9 @@ import torch
 import yaml
 
 import train
-from engine.checkpoint import load_checkpoint
-from engine.errors import run_cli
-from engine.optim import lr_factor
+from core.checkpoint import load_checkpoint
+from core.errors import run_cli
+from core.optim import lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS, ITERS, LR = 2, 3, 0.01
@@ -112,10 +112,11 @@ def test_end_to_end_outputs(base):
     assert {"train/loss", "train/lr", "train/patches_per_s", "val/dice_WT", "val/dice_TC", "val/dice_ET",
             "val/dice_mean", "val/dice_mean_postprocessed", "val/dice_ET_postprocessed"} <= scalars
     assert "val/panel" in events.Tags()["images"]
-    panel = events.Images("val/panel")[-1]  # the picture of the first validation case (engine/render.py)
+    panel = events.Images("val/panel")[-1]  # the picture of the first validation case (inference/render.py)
     import numpy as np
     from PIL import Image
-    from engine.task import builtin_tasks
+
+    from core.task import builtin_tasks
     pixels = np.asarray(Image.open(io.BytesIO(panel.encoded_image_string)).convert("RGB"))
     size = max(tiny_config(base["tmp"])["data"]["synthetic_shape"])  # the cases are cropped smaller
     assert panel.height >= 2 * size and panel.width >= 3 * size  # two rows, three views, not shrunk
@@ -282,6 +283,10 @@ def test_bad_inputs_exit_2_with_one_line(base, tmp_path):
         (args(base, tmp_path / "o6", "data.task=brats-gli-2042"), "did you mean 'brats-gli-2024'"),
         (args(base, tmp_path / "o7", "data.task=brats-men-rt"), "task brats-men-rt has 1 GTV"),
         (args(base, tmp_path / "o8", "data.modalities=[t1, adc]"), "'adc' is not a modality of task"),
+        # infer.* in a training config: checked at load, not at the first validation after an epoch
+        (args(base, tmp_path / "o9", "infer.overlap=1.5"), "infer.overlap: 1.5 must be in [0, 1)"),
+        (args(base, tmp_path / "o10", "infer.min_component_size=[5, 5]"), "infer.min_component_size"),
+        (args(base, tmp_path / "o11", "augment.flip_prob=2"), "augment.flip_prob: 2.0 is not a probability"),
     ]
     before = _snapshot(run_a)
     for argv, expected in cases:
@@ -299,12 +304,12 @@ def test_bad_inputs_exit_2_with_one_line(base, tmp_path):
 # The helpers train.py is built from: devices/ranks, progress lines, the validation panel.
 # ----------------------------------------------------------------------------------------------
 def test_single_process_distributed_helpers(monkeypatch):
-    from engine import distributed as dist
+    from core import distributed as dist
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     info = dist.setup("cpu")
     assert (info.rank, info.world_size, info.is_main, info.distributed) == (0, 1, True, False)
-    assert dist.is_main() and dist.all_gather_objects({"a": 1}) == [{"a": 1}]
+    assert dist.all_gather_objects({"a": 1}) == [{"a": 1}]
     assert dist.broadcast_object(3) == 3
     assert torch.equal(dist.all_reduce_sum(torch.tensor([1.0, 2.0])), torch.tensor([1.0, 2.0]))
     dist.barrier()
@@ -314,8 +319,8 @@ def test_single_process_distributed_helpers(monkeypatch):
 @pytest.mark.parametrize("name,match", [("meta", "unsupported device"), ("cuda:7", "CUDA|does not exist"),
                                         ("tpu", "unknown device"), ("gpu0", "unknown device")])
 def test_resolve_device_rejects_bad_names(name, match):
-    from engine.distributed import resolve_device
-    from engine.errors import UserError
+    from core.distributed import resolve_device
+    from core.errors import UserError
     if name.startswith("cuda") and torch.cuda.device_count() > 7:
         pytest.skip("this machine has 8 GPUs")
     with pytest.raises(UserError, match=match):
@@ -325,15 +330,15 @@ def test_resolve_device_rejects_bad_names(name, match):
 @pytest.mark.parametrize("gpus, local_rank, expected", [(4, 3, 3), (4, 0, 0), (1, 3, 0), (1, 0, 0)])
 def test_resolve_device_takes_the_local_rank_gpu(monkeypatch, gpus, local_rank, expected):
     """``cuda`` -> cuda:LOCAL_RANK, or cuda:0 where each process sees one GPU (SLURM)."""
-    from engine.distributed import resolve_device
+    from core.distributed import resolve_device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     assert resolve_device("cuda", local_rank) == torch.device("cuda", expected)
 
 
 def test_setup_rejects_one_explicit_gpu_for_several_processes(monkeypatch):
-    from engine import distributed as dist
-    from engine.errors import UserError
+    from core import distributed as dist
+    from core.errors import UserError
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
@@ -342,17 +347,17 @@ def test_setup_rejects_one_explicit_gpu_for_several_processes(monkeypatch):
 
 
 @pytest.mark.parametrize("device, capability, dtype, expected", [
-    ("cuda", (7, 0), torch.bfloat16, torch.float16),   # V100: no bf16 convolutions
-    ("cuda", (7, 5), torch.bfloat16, torch.float16),   # T4
-    ("cuda", (8, 0), torch.bfloat16, torch.bfloat16),  # A100
-    ("cuda", (9, 0), torch.bfloat16, torch.bfloat16),  # H100
-    ("cuda", (7, 0), torch.float16, torch.float16),
-    ("cuda", (7, 0), None, None),
-    ("cpu", None, torch.bfloat16, torch.bfloat16),  # a CPU with native bf16 (patched below)
-    ("cpu", None, torch.float16, None),  # fp16 on the CPU runs fp32
+    ("cuda", (7, 0), "bf16", torch.float16),   # V100: no bf16 convolutions
+    ("cuda", (7, 5), "bf16", torch.float16),   # T4
+    ("cuda", (8, 0), "bf16", torch.bfloat16),  # A100
+    ("cuda", (9, 0), "bf16", torch.bfloat16),  # H100
+    ("cuda", (7, 0), "fp16", torch.float16),
+    ("cuda", (7, 0), "fp32", None),
+    ("cpu", None, "bf16", torch.bfloat16),  # a CPU with native bf16 (patched below)
+    ("cpu", None, "fp16", None),  # fp16 on the CPU runs fp32
 ])
 def test_autocast_dtype_falls_back_to_fp16_before_ampere(monkeypatch, device, capability, dtype, expected):
-    from engine import distributed as dist
+    from core import distributed as dist
     monkeypatch.setattr(dist, "cpu_has_native_bf16", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
@@ -360,7 +365,7 @@ def test_autocast_dtype_falls_back_to_fp16_before_ampere(monkeypatch, device, ca
 
 
 def test_progress_plain_lines_off_a_terminal():
-    from engine.logger import Progress
+    from core.logger import Progress
     stream = io.StringIO()
     bar = Progress(20, "epoch 1/3", initial=5, stream=stream)
     for _ in range(15):
@@ -375,15 +380,16 @@ def test_progress_plain_lines_off_a_terminal():
 
 
 def test_validation_panel_is_the_case_picture():
-    """val/panel: engine.render's picture (as infer.py --png draws it) of the chosen channel on the
+    """val/panel: inference.render's picture (as infer.py --png draws it) of the chosen channel on the
     model grid (canonical L-P-S voxel axes at the model spacing), prediction and reference rows and
     the case's Dice line, as (3, H, W) floats in [0, 1], at least as large as the slices."""
     from types import SimpleNamespace
 
     import numpy as np
+
+    from core.task import builtin_tasks
     from datasets.io import Geometry
-    from engine.render import as_chw, dice_line, render_case
-    from engine.task import builtin_tasks
+    from inference.render import as_chw, dice_line, render_case
     task = builtin_tasks()["brats-gli-2024"]
     shape = (24, 20, 12)
     rng = np.random.default_rng(0)
@@ -405,12 +411,12 @@ def test_validation_panel_is_the_case_picture():
 
 
 def test_bf16_on_a_cpu_without_native_bf16_runs_fp32_with_one_line(monkeypatch, caplog):
-    from engine import distributed as dist
+    from core import distributed as dist
     dist._warn_once.cache_clear()
     monkeypatch.setattr(dist, "cpu_has_native_bf16", lambda: False)
     with caplog.at_level("WARNING"):
-        assert dist.autocast_dtype(torch.bfloat16, torch.device("cpu")) is None
-        assert dist.autocast_dtype(torch.bfloat16, torch.device("cpu")) is None
+        assert dist.autocast_dtype("bf16", torch.device("cpu")) is None
+        assert dist.autocast_dtype("bf16", torch.device("cpu")) is None
     lines = [r.getMessage() for r in caplog.records if "native bf16" in r.getMessage()]
     assert len(lines) == 1 and "running fp32" in lines[0]  # said once
 
@@ -515,9 +521,9 @@ def test_resume_auto_starts_fresh_then_resumes(base, tmp_path):
 def test_checkpoint_every_saves_mid_epoch(base, tmp_path):
     """train.checkpoint_every=2 with 3 iterations per epoch: last.pt after iterations 2, 3, 4, 6; the
     file after the run is the end of the run (the mid-epoch saves were replaced atomically)."""
-    import engine.checkpoint
+    import core.checkpoint
     saved = []
-    real = engine.checkpoint.save_checkpoint
+    real = core.checkpoint.save_checkpoint
 
     def spy(state, path):
         saved.append((Path(path).name, state["iteration"], state["epoch_iteration"]))
@@ -549,12 +555,12 @@ def test_tuning_off_stores_no_rules_and_ranks_by_the_raw_score(base, tmp_path):
     ("auto", "auto", "brats-gli-2021"), ("brats-ped", "auto", "brats-ped"),  # the training task's cases
     ("brats-ped", "brats-gli-2023", "brats-gli-2023"), ("my_task.yaml", "auto", "brats-gli-2021")])
 def test_generated_cases_follow_the_training_task(task, synthetic, expected):
-    from engine.config import DataConfig
+    from core.config import DataConfig
     assert train.synthetic_task(DataConfig(task=task, synthetic_task=synthetic)) == expected
 
 
 def test_resume_with_another_world_size_says_what_changes():
-    from engine import distributed as dist
+    from core import distributed as dist
     info = dist.DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     note = train.restore_rng([{}, {}], info, torch.device("cpu"), batch_size=2)
     assert "resumed with 1 process(es) instead of 2" in note and "effective batch is now 2" in note

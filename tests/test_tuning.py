@@ -1,10 +1,10 @@
-"""engine/tuning.py: post-processing chosen on hand-built validation sets (legacy and lesion-wise)."""
+"""inference/tuning.py: post-processing chosen on hand-built validation sets (legacy and lesion-wise)."""
 import numpy as np
 import pytest
 
-from engine.postprocess import Rules, postprocess_classes
-from engine.task import builtin_tasks
-from engine.tuning import MARGIN, tune_postprocessing
+from core.task import builtin_tasks
+from inference.postprocess import Rules, postprocess_classes
+from inference.tuning import MARGIN, tune_postprocessing
 
 GLI = builtin_tasks()["brats-gli-2023"]  # classes 1 NETC, 2 SNFH, 3 ET
 NETC, SNFH, ET = 1, 2, 3
@@ -121,9 +121,10 @@ def test_shards_are_summed_over_processes():
 
 
 def brute_force(cases, task, convention):
-    """The search of engine/tuning.py done naively: every candidate post-processes every case."""
+    """The search of inference/tuning.py done naively: every candidate post-processes every case."""
     import dataclasses
-    from engine.tuning import CANDIDATES, UNITS
+
+    from inference.tuning import CANDIDATES, UNITS
     from metrics import case_metrics
 
     def regions(rules):
@@ -160,7 +161,7 @@ def brute_force(cases, task, convention):
 
 @pytest.mark.parametrize("convention", ["legacy", "lesionwise"])
 def test_the_search_equals_the_naive_one(convention):
-    """engine/tuning.py skips the cases a candidate cannot change and reuses masks already scored:
+    """inference/tuning.py skips the cases a candidate cannot change and reuses masks already scored:
     on random predictions (stray blobs of every class, 1 x 1 x 2 mm voxels so voxels and mm^3
     differ) it must choose what scoring every case for every candidate chooses."""
     chosen = []

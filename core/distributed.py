@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from engine.errors import UserError
+from core.errors import UserError
 
 log = logging.getLogger(__name__)
 # Generous: the first process of each node builds the data cache, rank 0 writes checkpoints, the others wait.
@@ -69,14 +69,21 @@ def resolve_device(name: str, local_rank: int = 0, key: str = "train.device") ->
     return device
 
 
-def autocast_dtype(dtype: torch.dtype | None, device: torch.device) -> torch.dtype | None:
-    """The autocast ``dtype`` to use on ``device`` (a warning says so once when it changes):
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}  # config name -> autocast dtype
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` (``train.precision`` / ``infer.precision``: a key of
+    ``PRECISIONS``) on ``device``, ``None`` for fp32 (a warning says so once when it changes):
 
     - CUDA: bf16 becomes fp16 on GPUs older than Ampere (compute capability < 8.0), where cuDNN has
       no bf16 convolutions;
     - CPU: fp16 runs fp32 (no fp16 CPU kernels worth having); bf16 runs fp32 on a CPU without
       native bf16 instructions (emulated bf16 is many times slower than fp32).
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    dtype = PRECISIONS[precision]
     if dtype is torch.bfloat16 and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
         _warn_once(f"{torch.cuda.get_device_name(device)} has no bf16 convolutions (needs compute capability "
                    ">= 8.0): using fp16 autocast instead (with loss scaling when training)")
@@ -132,11 +139,6 @@ def setup(device_name: str = "auto") -> DistInfo:
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend=backend, timeout=TIMEOUT, **kwargs)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
-
-
-def is_main() -> bool:
-    """True on rank 0 (and in a single process)."""
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def barrier() -> None:

@@ -19,20 +19,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.checkpoint import load_checkpoint, stored_task
-from engine.config import Config, ConfigError, InferConfig, from_dict, parse_override, to_dict
-from engine.errors import UserError
-from engine import distributed
-from engine.postprocess import Rules, check_rules
-from engine.sliding_window import sliding_window_predict
-from engine.task import Task, TaskError
+from core import distributed
+from core.checkpoint import load_checkpoint, stored_task
+from core.config import Config, ConfigError, InferConfig, from_dict, parse_override, to_dict
+from core.errors import UserError
+from core.task import Task, TaskError, output_mode
+from inference.postprocess import Rules, check_rules
+from inference.sliding_window import sliding_window_predict
 
 # config sections that may be overridden at inference (the others shaped the trained model)
 OVERRIDABLE_SECTIONS = ("infer", "metrics")
 
 
 def resolve_device(name: str) -> torch.device:
-    """``infer.device`` -> a torch device (see ``engine.distributed.resolve_device``)."""
+    """``infer.device`` -> a torch device (see ``core.distributed.resolve_device``)."""
     return distributed.resolve_device(name, key="infer.device")
 
 
@@ -60,11 +60,10 @@ def build_model(model_cfg, in_channels: int, out_channels: int, patch_size: Sequ
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelSpec]:
     """Rebuild one checkpoint's model from its stored config: ``(model in eval mode, spec)``.
     ``UserError`` naming ``path`` for anything wrong with the checkpoint. An ``.onnx`` file (``export.py``)
-    gives an ``engine.onnx_model.OnnxModel`` (ONNX Runtime) and the spec of its metadata."""
+    gives an ``inference.onnx_model.OnnxModel`` (ONNX Runtime) and the spec of its metadata."""
     if str(path).lower().endswith(".onnx"):
-        from engine.onnx_model import load_onnx_model  # noqa: PLC0415 (needs onnxruntime: only for .onnx)
+        from inference.onnx_model import load_onnx_model  # noqa: PLC0415 (needs onnxruntime: only for .onnx)
         return load_onnx_model(path, device)
-    from losses import output_mode  # noqa: PLC0415 (training code: not on the ONNX path)
     state = load_checkpoint(path, map_location="cpu")
     try:
         cfg = from_dict(state["config"])
@@ -72,7 +71,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn
         raise UserError(f"{path}: stored config is invalid ({err})") from None
     task = stored_task(state, path)
     try:
-        mode = state.get("output_mode") or output_mode(cfg.loss)
+        mode = state.get("output_mode") or output_mode(cfg.loss)  # stored since the task schema; older: from the loss
         modalities = tuple(state.get("modalities") or task.select_modalities(cfg.data.modalities))
         model = build_model(cfg.model, len(modalities), task.output_channels(mode), patch_size=cfg.data.patch_size)
     except (ValueError, TaskError) as err:
@@ -115,7 +114,7 @@ AUTO_MIN_PASSES = 8
 def auto_backend(paths: Sequence[str | Path], device: torch.device, passes: int) -> tuple[str, str]:
     """``(backend, why)`` for ``infer.backend=auto``: ``onnxruntime`` on the CPU for ``passes`` >=
     ``AUTO_MIN_PASSES`` when the exporter and ONNX Runtime are installed, else ``torch``."""
-    from engine.onnx_export import exporter_available  # noqa: PLC0415 (imports no optional package)
+    from inference.onnx_export import exporter_available  # noqa: PLC0415 (imports no optional package)
     if device.type != "cpu":
         return "torch", f"device {device.type}"
     if all(str(p).lower().endswith(".onnx") for p in paths):
@@ -141,8 +140,8 @@ def choose_backend(models: Sequence[nn.Module], paths: Sequence[str | Path], spe
         why = f"infer.backend=auto: {reason}"
     if backend == "torch":
         return list(models)
-    from engine.onnx_export import export_network  # noqa: PLC0415 (optional packages: only when asked for)
-    from engine.onnx_model import OnnxModel  # noqa: PLC0415
+    from inference.onnx_export import export_network  # noqa: PLC0415 (optional packages: only when asked for)
+    from inference.onnx_model import OnnxModel  # noqa: PLC0415
     chosen = list(models)
     for i, (model, path) in enumerate(zip(models, paths)):
         if str(path).lower().endswith(".onnx"):
@@ -199,16 +198,8 @@ def override_infer_config(cfg: Config, overrides: Sequence[str], task: Task) -> 
 
 
 def check_infer_config(infer_cfg: InferConfig, task: Task) -> None:
-    """``ConfigError`` naming the ``infer.*`` key whose value is out of range or does not fit ``task``."""
-    problems = {
-        "overlap": (not 0.0 <= infer_cfg.overlap < 1.0, "must be in [0, 1)"),
-        "sw_batch_size": (infer_cfg.sw_batch_size < 1, "must be >= 1"),
-        "gaussian_sigma": (infer_cfg.gaussian_sigma <= 0, "must be > 0"),
-        "region_threshold": (not 0.0 < infer_cfg.region_threshold < 1.0, "must be in (0, 1)"),
-    }
-    for key, (bad, rule) in problems.items():
-        if bad:
-            raise ConfigError(f"infer.{key}: {getattr(infer_cfg, key)!r} {rule}")
+    """``ConfigError`` when the post-processing keys of ``infer_cfg`` do not fit ``task`` (one
+    size per training region); the value ranges were validated with the config."""
     try:
         check_rules(task, Rules.from_config(infer_cfg))
     except ValueError as err:

@@ -38,11 +38,13 @@ import numpy as np
 import torch
 import yaml
 
-from engine.errors import UserError
+from core.errors import UserError
 
 BUILTIN_DIR = Path(__file__).resolve().parents[1] / "configs" / "tasks"
 LAYOUTS = ("brats", "msd")  # case folders with one file per modality | MSD imagesTr/labelsTr with 4D images
 OUTPUT_MODES = ("labels", "regions")  # softmax over classes | sigmoid over training regions
+# loss name -> output mode of the network it trains (how its outputs decode: Task.decode)
+LOSS_OUTPUT_MODES = {"dice_ce": "labels", "region_dice_bce": "regions"}
 # every accepted modality name -> canonical name; names not listed here are their own canonical name
 MODALITY_ALIASES = {
     "t1": "t1", "t1n": "t1", "t1w": "t1",
@@ -334,16 +336,8 @@ def _read_task_file(path: Path) -> Task:
 
 
 def _parse_task(raw: Any, where: str) -> Task:
-    if not isinstance(raw, dict):
-        raise TaskError(f"{where}: a task must be a mapping of keys ({', '.join(_REQUIRED)}, ...)")
-    for key in raw:
-        if key not in _TOP_KEYS:
-            close = difflib.get_close_matches(str(key), _TOP_KEYS, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(_TOP_KEYS)}"
-            raise TaskError(f"{where}: unknown task key '{key}'{hint}")
-    for key in _REQUIRED:
-        if key not in raw:
-            raise TaskError(f"{where}: task key '{key}' is missing")
+    """A ``Task`` from a task YAML's mapping; ``TaskError`` naming ``where`` and the first bad key."""
+    _check_keys(raw, where)
     name = _string(raw, "name", where)
     if not _NAME.match(name):
         raise TaskError(f"{where}: name {name!r} must be letters, digits, '-', '_', '.' or '+'")
@@ -355,7 +349,46 @@ def _parse_task(raw: Any, where: str) -> Task:
         re.compile(pattern)
     except re.error as err:
         raise TaskError(f"{where}: case_pattern {pattern!r} is not a regular expression ({err})") from None
+    file_modalities, modalities = _parse_modalities(raw, where)
+    class_names, label_values = _parse_labels(raw, where)
+    classes_of = _label_lookup(class_names, where)
 
+    regions_raw = _pairs(raw["regions"], "regions", where,
+                         "regions must map each evaluated region to its labels, e.g. {WT: [NETC, SNFH, ET]}")
+    regions = tuple(Region(str(r), classes_of(f"regions.{r}", names)) for r, names in regions_raw)
+    if len({r.name for r in regions}) != len(regions):
+        raise TaskError(f"{where}: regions name one region twice")
+    training_raw = raw.get("training_regions")
+    if training_raw is None:  # one sigmoid channel per label, each painting itself
+        training = tuple(Region(class_names[c], (c,), c) for c in range(1, len(class_names)))
+    else:
+        class_of = {n: c for c, n in enumerate(class_names) if c > 0}
+        training = _parse_training_regions(training_raw, regions, class_of, classes_of, where)
+    _check_decodable(training, class_names, where)
+    return Task(name=name, description=_string(raw, "description", where, default=""),
+                source=_string(raw, "source", where, default=""), layout=layout, case_pattern=pattern,
+                modalities=modalities, file_modalities=file_modalities,
+                label_file=_string(raw, "label_file", where, default="seg").lower(), class_names=tuple(class_names),
+                label_values=tuple(label_values), colours=_parse_colours(raw, class_names, where), regions=regions,
+                training_regions=training, lesion_rules=_parse_lesionwise(raw.get("lesionwise"), regions, where),
+                enhancing=_parse_enhancing(raw, classes_of, where))
+
+
+def _check_keys(raw: Any, where: str) -> None:
+    if not isinstance(raw, dict):
+        raise TaskError(f"{where}: a task must be a mapping of keys ({', '.join(_REQUIRED)}, ...)")
+    for key in raw:
+        if key not in _TOP_KEYS:
+            close = difflib.get_close_matches(str(key), _TOP_KEYS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(_TOP_KEYS)}"
+            raise TaskError(f"{where}: unknown task key '{key}'{hint}")
+    for key in _REQUIRED:
+        if key not in raw:
+            raise TaskError(f"{where}: task key '{key}' is missing")
+
+
+def _parse_modalities(raw: dict, where: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(names as in the files, canonical names)``; one modality named twice is an error."""
     file_modalities = _string_list(raw, "modalities", where)
     try:
         modalities = tuple(canonical_modality(m) for m in file_modalities)
@@ -364,8 +397,11 @@ def _parse_task(raw: Any, where: str) -> Task:
     if len(set(modalities)) != len(modalities):
         raise TaskError(f"{where}: modalities {file_modalities} name one modality twice (t1 = t1n, t1ce = t1c, "
                         "t2 = t2w, flair = t2f)")
-    label_file = _string(raw, "label_file", where, default="seg").lower()
+    return tuple(str(m) for m in file_modalities), modalities
 
+
+def _parse_labels(raw: dict, where: str) -> tuple[list[str], list[int]]:
+    """``(class names, label values)``, background (0) first, then the labels in class order."""
     labels = _pairs(raw["labels"], "labels", where,
                     "labels must map each label name to its value, in class order, e.g. {NETC: 1, SNFH: 2, ET: 3}")
     class_names, label_values = ["background"], [0]
@@ -379,6 +415,12 @@ def _parse_task(raw: Any, where: str) -> Task:
             raise TaskError(f"{where}: labels.{label}: value {value} is used twice")
         class_names.append(label)
         label_values.append(value)
+    return class_names, label_values
+
+
+def _label_lookup(class_names: list[str], where: str):
+    """``classes_of(key, [label names]) -> sorted class indices``, a ``TaskError`` naming ``key``
+    for a name that is not a label of the task."""
     class_of = {n: c for c, n in enumerate(class_names) if c > 0}
 
     def classes_of(key: str, names: Any) -> tuple[int, ...]:
@@ -391,20 +433,12 @@ def _parse_task(raw: Any, where: str) -> Task:
                                 f"(labels: {', '.join(class_of)})")
             out.append(class_of[str(label)])
         return tuple(sorted(set(out)))
+    return classes_of
 
-    regions_raw = _pairs(raw["regions"], "regions", where,
-                         "regions must map each evaluated region to its labels, e.g. {WT: [NETC, SNFH, ET]}")
-    regions = tuple(Region(str(r), classes_of(f"regions.{r}", names)) for r, names in regions_raw)
-    if len({r.name for r in regions}) != len(regions):
-        raise TaskError(f"{where}: regions name one region twice")
 
-    training_raw = raw.get("training_regions")
-    if training_raw is None:  # one sigmoid channel per label, each painting itself
-        training = tuple(Region(class_names[c], (c,), c) for c in range(1, len(class_names)))
-    else:
-        training = _parse_training_regions(training_raw, regions, class_of, classes_of, where)
-    _check_decodable(training, class_names, where)
-
+def _parse_colours(raw: dict, class_names: list[str], where: str) -> tuple[tuple[int, int, int], ...]:
+    """One RGB colour per class: the task's ``colours`` where given, else ``DEFAULT_COLOURS``."""
+    class_of = {n: c for c, n in enumerate(class_names) if c > 0}
     colours = [(0, 0, 0)] + [DEFAULT_COLOURS[(c - 1) % len(DEFAULT_COLOURS)] for c in range(1, len(class_names))]
     for label, rgb in (raw.get("colours") or {}).items():
         if str(label) not in class_of:
@@ -412,22 +446,19 @@ def _parse_task(raw: Any, where: str) -> Task:
         if not (isinstance(rgb, list) and len(rgb) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in rgb)):
             raise TaskError(f"{where}: colours.{label} must be [R, G, B] with values 0..255, got {rgb!r}")
         colours[class_of[str(label)]] = tuple(rgb)
+    return tuple(colours)
 
-    lesion_rules = _parse_lesionwise(raw.get("lesionwise"), regions, where)
-    enhancing = None
-    if raw.get("enhancing") is not None:
-        spec = raw["enhancing"]
-        if not isinstance(spec, dict) or set(spec) != {"label", "relabel_to"}:
-            raise TaskError(f"{where}: enhancing must be {{label: ET, relabel_to: NETC}} (the label that "
-                            "infer.et_min_volume relabels, and what it becomes)")
-        enhancing = (classes_of("enhancing.label", [spec["label"]])[0],
-                     classes_of("enhancing.relabel_to", [spec["relabel_to"]])[0])
-    return Task(name=name, description=_string(raw, "description", where, default=""),
-                source=_string(raw, "source", where, default=""), layout=layout, case_pattern=pattern,
-                modalities=modalities, file_modalities=tuple(str(m) for m in file_modalities),
-                label_file=label_file, class_names=tuple(class_names), label_values=tuple(label_values),
-                colours=tuple(colours), regions=regions, training_regions=training,
-                lesion_rules=lesion_rules, enhancing=enhancing)
+
+def _parse_enhancing(raw: dict, classes_of, where: str) -> tuple[int, int] | None:
+    """``(enhancing class, class it becomes)`` for infer.et_min_volume, or ``None``."""
+    spec = raw.get("enhancing")
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or set(spec) != {"label", "relabel_to"}:
+        raise TaskError(f"{where}: enhancing must be {{label: ET, relabel_to: NETC}} (the label that "
+                        "infer.et_min_volume relabels, and what it becomes)")
+    return (classes_of("enhancing.label", [spec["label"]])[0],
+            classes_of("enhancing.relabel_to", [spec["relabel_to"]])[0])
 
 
 def _parse_training_regions(raw, regions, class_of, classes_of, where: str) -> tuple[Region, ...]:
@@ -533,6 +564,14 @@ def _string_list(raw: dict, key: str, where: str) -> list[str]:
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
         raise TaskError(f"{where}: {key} must be a non-empty list of names")
     return value
+
+
+def output_mode(loss_cfg) -> str:
+    """The output mode a network trained with ``loss_cfg`` (``cfg.loss``) has: ``"labels"`` for
+    ``dice_ce``, ``"regions"`` for ``region_dice_bce`` (``LOSS_OUTPUT_MODES``)."""
+    if loss_cfg.name not in LOSS_OUTPUT_MODES:
+        raise ValueError(f"unknown loss {loss_cfg.name!r} (valid: {', '.join(LOSS_OUTPUT_MODES)})")
+    return LOSS_OUTPUT_MODES[loss_cfg.name]
 
 
 def _check_mode(mode: str) -> None:

@@ -1,6 +1,6 @@
 """ONNX Runtime as the network of the sliding window: an exported model (``export.py``) and its contract.
 
-    model, spec = load_onnx_model("model.onnx", "cpu")   # what engine.predict.load_model returns for a .pt
+    model, spec = load_onnx_model("model.onnx", "cpu")   # what inference.predict.load_model returns for a .pt
     logits = model(batch)                                 # (B, C, *window) float32 tensor -> (B, K, *window)
 
 ``OnnxModel`` is a callable ``nn.Module`` without parameters, so ``predict_case``,
@@ -14,7 +14,7 @@ writes it, ``spec_from_metadata`` reads it back into the ``ModelSpec`` a checkpo
 
 =================================  =====================================================================
 ``brats_seg.format``               ``brats-seg-onnx/<version>`` (``FORMAT``); a newer version is refused
-``brats_seg.config``               the checkpoint's resolved config (``engine.config.to_dict``)
+``brats_seg.config``               the checkpoint's resolved config (``core.config.to_dict``)
 ``brats_seg.task``                 the task schema (``Task.to_dict``): labels, values, regions, rules
 ``brats_seg.modalities``           input channels in order (canonical names: t1, t1ce, t2, flair, ...)
 ``brats_seg.normalisation``        the preprocessing the input must have had (``NORMALISATION``)
@@ -39,10 +39,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.config import ConfigError, from_dict, migrate_keys, to_dict
-from engine.errors import UserError
-from engine.predict import ModelSpec
-from engine.task import OUTPUT_MODES, Task
+from core.config import ConfigError, from_dict, migrate_keys, to_dict
+from core.errors import UserError
+from core.task import OUTPUT_MODES, Task
+from inference.predict import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ class OnnxModel(nn.Module):
 
 def load_onnx_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[OnnxModel, ModelSpec]:
     """An exported model (``export.py``) and its ``ModelSpec`` from its metadata: what
-    ``engine.predict.load_model`` returns for a checkpoint. ``UserError`` (one line naming ``path``)
+    ``inference.predict.load_model`` returns for a checkpoint. ``UserError`` (one line naming ``path``)
     for a missing file, onnxruntime not installed, a file that is not ONNX, missing or newer
     metadata, or a graph whose input/output shape does not fit the metadata."""
     path = Path(path)

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.task import logits_to_probabilities
-from engine.distributed import autocast_dtype
+from core.distributed import PRECISIONS, autocast_dtype
+from core.task import logits_to_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 FLIP_DIMS: tuple[tuple[int, ...], ...] = tuple(
     dims for n in range(4) for dims in itertools.combinations((2, 3, 4), n))
 ACTIVATION_MODES = ("labels", "regions", None)
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 # accumulate on the GPU only while the accumulators take less than this share of its free memory
 _DEVICE_ACCUMULATOR_SHARE = 0.5
 
@@ -109,6 +108,11 @@ def sliding_window_predict(model: Callable[[torch.Tensor], torch.Tensor], image:
     "fp32") is the autocast dtype on CUDA, while CPU always runs fp32. ``accumulate_device`` holds
     the float32 accumulators and the result; by default the compute device when they fit in half
     of its free memory, else the CPU.
+
+    The options are keyword-only, each with a default, as in MONAI's ``sliding_window_inference``
+    (benchmarks and tests set them one by one); code that has a config calls
+    ``inference.predict.predict_case(models, images, cfg.infer, ...)``, which fills them from the
+    ``infer`` section.
     """
     window = _check_window(window)
     if not 0.0 <= overlap < 1.0:
@@ -117,8 +121,8 @@ def sliding_window_predict(model: Callable[[torch.Tensor], torch.Tensor], image:
         raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
     if mode not in ACTIVATION_MODES:
         raise ValueError(f"mode must be one of {ACTIVATION_MODES}, got {mode!r}")
-    if precision not in _AUTOCAST_DTYPES:
-        raise ValueError(f"precision must be one of {tuple(_AUTOCAST_DTYPES)}, got {precision!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
     image = torch.as_tensor(image)
     if image.ndim != 4:
         raise ValueError(f"image must be (C, X, Y, Z), got shape {tuple(image.shape)}")
@@ -200,7 +204,7 @@ def _forward_in_groups(model, inputs: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def _autocast(device: torch.device, precision: str):
-    dtype = autocast_dtype(_AUTOCAST_DTYPES[precision], device)  # bf16 -> fp16 before Ampere
+    dtype = autocast_dtype(precision, device)  # bf16 -> fp16 before Ampere
     if device.type == "cuda" and dtype is not None:
         return torch.autocast(device_type="cuda", dtype=dtype)
     return contextlib.nullcontext()

@@ -3,7 +3,7 @@
     with atomic_path("out/case.nii.gz") as tmp:         # a temporary name with the same suffix
         nib.save(img, tmp)
     atomic_write(path, lambda f: np.save(f, array))      # any writer of a binary file object
-    atomic_write_text(path, json.dumps(report))
+    atomic_write_text(path, json.dumps(report, default=json_default))   # numpy/torch scalars too
     check_writable("runs/demo", "out_dir")               # before long work: one line if not writable
 
 An interrupted or failed write (full disk, crash) leaves the previous file intact and no
@@ -16,9 +16,12 @@ import errno
 import os
 import uuid
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
-from engine.errors import UserError
+import numpy as np
+import torch
+
+from core.errors import UserError
 
 
 @contextlib.contextmanager
@@ -51,6 +54,16 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     return atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def json_default(value: Any) -> Any:
+    """``json.dumps(..., default=json_default)``: numpy scalars and one-element tensors as Python
+    numbers; anything else is a ``TypeError`` as without it."""
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
 def check_writable(folder: str | Path, what: str) -> None:

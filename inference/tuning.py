@@ -1,7 +1,7 @@
 """Post-processing chosen on validation predictions (as nnU-Net's ``determine_postprocessing``).
 
     result = tune_postprocessing(cases, task, "legacy")   # cases: [(prediction, reference, spacing), ...]
-    result.rules            # engine.postprocess.Rules: off unless it helps on these cases
+    result.rules            # inference.postprocess.Rules: off unless it helps on these cases
     result.before, result.after                            # objective without / with them
     result.regions_after    # {region: mean Dice with the rules}
 
@@ -30,11 +30,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from datasets.preprocess import bounding_box, crop
-from engine.postprocess import Rules, label_components, outermost_region, postprocess_classes
-from engine.task import Task
+from core.boxes import bounding_box, crop, expand_box
+from core.task import Task
+from inference.postprocess import Rules, label_components, outermost_region, postprocess_classes
 from metrics import case_metrics
-from metrics.surface import expand_box
 
 MARGIN = 1e-3  # a rule must raise the objective by more than this to be kept
 CANDIDATES = (10.0, 25.0, 50.0, 100.0, 200.0, 500.0)  # component sizes and enhancing volumes, each unit

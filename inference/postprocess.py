@@ -1,7 +1,7 @@
 """Post-processing of predicted training classes, by the task's rules (``Rules``). Off by default.
 
 The rules of the BraTS winners, set by the ``infer`` config section or chosen on the validation
-cases at the end of training (``engine.tuning``) and stored in the checkpoint:
+cases at the end of training (``inference.tuning``) and stored in the checkpoint:
 
 - ``min_component_size`` (one size per training region of the task, e.g. WT, TC, ET; 0 = off):
   connected components (26-connectivity) of each training region smaller than its size are
@@ -30,8 +30,8 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import ndimage
 
-from datasets.preprocess import bounding_box, crop
-from engine.task import Task
+from core.boxes import bounding_box, crop
+from core.task import Task
 
 _CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
 UNITS = ("voxels", "mm3")

@@ -3,7 +3,7 @@
     log = RunLogger("runs/demo")                  # main process only
     log.scalars({"train/loss": 0.7, "train/lr": 1e-2}, step=120)
     log.validation({"epoch": 3, "dice": {...}}, step=750)   # one JSON line + TensorBoard
-    log.image("val/panel", engine.render.as_chw(picture), step=750)   # (3, H, W) in [0, 1]
+    log.image("val/panel", inference.render.as_chw(picture), step=750)   # (3, H, W) in [0, 1]
     bar = Progress(total=250, desc="epoch 3")     # tqdm on a terminal, plain lines otherwise
     bar.update(loss=0.71, patches_per_s=9.5); bar.close()
 """
@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
-import torch
+
+from core.atomic import json_default
+
 
 class RunLogger:
     """TensorBoard event files and ``metrics.jsonl`` (one JSON object per validation) in ``out_dir``."""
@@ -41,7 +42,7 @@ class RunLogger:
     def validation(self, record: dict[str, Any], scalars: dict[str, float], step: int) -> None:
         """Append ``record`` as one line of ``metrics.jsonl`` and write ``scalars`` to TensorBoard."""
         with self.metrics_path.open("a") as f:
-            f.write(json.dumps(record, default=_json_default) + "\n")
+            f.write(json.dumps(record, default=json_default) + "\n")
         self.scalars(scalars, step)
         self.writer.flush()
 
@@ -53,19 +54,8 @@ class RunLogger:
         """``image (3, H, W)`` float in ``[0, 1]``."""
         self.writer.add_image(tag, image, step, dataformats="CHW")
 
-    def flush(self) -> None:
-        self.writer.flush()
-
     def close(self) -> None:
         self.writer.close()
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
 class Progress:
@@ -118,18 +108,3 @@ def _isatty(stream: TextIO) -> bool:
 
 def _fmt(value: float) -> str:
     return f"{float(value):.4g}"
-
-
-class Stopwatch:
-    """Seconds since start; ``lap()`` returns seconds since the previous lap."""
-
-    def __init__(self):
-        self.start = self.last = time.perf_counter()
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-    def lap(self) -> float:
-        now = time.perf_counter()
-        seconds, self.last = now - self.last, now
-        return seconds

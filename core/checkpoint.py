@@ -11,7 +11,7 @@ A checkpoint is a plain dict of tensors and plain types::
 
 Checkpoints written before tasks existed hold ``"convention": "2021" | "2023"`` instead of
 ``"task"``; they load as the BraTS glioma task of that convention (``stored_task``), and their
-config's old keys are migrated (``engine.config.migrate_keys``).
+config's old keys are migrated (``core.config.migrate_keys``).
 """
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from engine.atomic import atomic_path
-from engine.config import migrate_keys
-from engine.errors import UserError
-from engine.task import Task, TaskError, legacy_task
+from core.atomic import atomic_path
+from core.config import migrate_keys
+from core.errors import UserError
+from core.task import Task, TaskError, legacy_task
 
 FORMAT = "brats-seg/1"
 

@@ -31,8 +31,8 @@ from typing import Mapping, Sequence
 import nibabel as nib
 import numpy as np
 
-from engine.atomic import atomic_write_bytes
-from engine.task import Task
+from core.atomic import atomic_write_bytes
+from core.task import Task
 
 MIN_EXTENT = 256  # pixels: volumes whose largest extent (in voxels of the finest spacing) is smaller are zoomed
 OVERLAY_ALPHA = 0.5  # opacity of the label colours over the grey image
@@ -66,8 +66,6 @@ def render_case_layout(image: np.ndarray, prediction: np.ndarray, reference: np.
     """``render_case`` and where each part was drawn: ``{"title", "subtitle" (with a subtitle),
     "view:<view>" (its name), "row:<row>" (its title), "slice:<row>:<view>", "legend"}`` ->
     ``(x0, y0, x1, y1)`` pixel boxes; rows are ``prediction`` and ``reference``."""
-    from PIL import Image, ImageDraw  # Pillow is only needed for pictures
-
     image, prediction = np.asarray(image), np.asarray(prediction)
     if image.ndim != 3 or prediction.shape != image.shape or (reference is not None
                                                               and np.shape(reference) != image.shape):
@@ -75,7 +73,18 @@ def render_case_layout(image: np.ndarray, prediction: np.ndarray, reference: np.
                          f"{prediction.shape}, {None if reference is None else np.shape(reference)}")
     rows = {"prediction": prediction} if reference is None else {"prediction": prediction,
                                                                  "reference": np.asarray(reference)}
-    # ---------------- reorient to RAS (nearest axes), slice through the tumour centre ----------------
+    slices, sizes = _slice_overlays(image, rows, affine, task)
+    legend_items = [(f"{name} ({value})", tuple(int(c) for c in rgb))
+                    for name, value, rgb in zip(task.class_names[1:], task.label_values[1:], task.colours[1:])]
+    layout = _Layout(list(rows), sizes, title, subtitle, legend_items)
+    return layout.draw(slices), layout.boxes
+
+
+def _slice_overlays(image: np.ndarray, rows: dict[str, np.ndarray], affine: np.ndarray, task: Task
+                    ) -> tuple[dict[tuple[str, str], np.ndarray], dict[str, tuple[int, int]]]:
+    """Each row's label map over the image on the three views through the tumour centre, after
+    reorienting to RAS (nearest axes): ``({(row, view): RGB uint8 (h, w, 3)}, {view: (w, h)})``;
+    voxels keep their physical aspect (``sizes`` in pixels of the finest spacing, zoomed)."""
     ornt = nib.orientations.io_orientation(np.asarray(affine, dtype=np.float64))
     spacing = np.empty(3)
     spacing[ornt[:, 0].astype(int)] = nib.affines.voxel_sizes(np.asarray(affine, dtype=np.float64))
@@ -90,85 +99,107 @@ def render_case_layout(image: np.ndarray, prediction: np.ndarray, reference: np.
     palette = np.asarray(task.colours, dtype=np.float32)
     slices = {(row, view): _overlay(_view(grey, view, centre), _view(labels, view, centre), sizes[view], palette)
               for row, labels in rows.items() for view in VIEWS}
+    return slices, sizes
 
-    # ---------------- layout ----------------
-    fonts = {key: _font(size) for key, size in FONT_SIZES.items()}
-    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
 
-    def text_size(text: str, font) -> tuple[int, int]:
-        left, top, right, bottom = scratch.textbbox((0, 0), text, font=font)
+class _Layout:
+    """Where the title, subtitle, view names, row names, slices and legend go (``boxes``, pixel
+    ``(x0, y0, x1, y1)``; ``width`` x ``height``), and ``draw`` to paint them."""
+
+    def __init__(self, rows: list[str], sizes: dict[str, tuple[int, int]], title: str, subtitle: str | None,
+                 legend_items: list[tuple[str, tuple[int, int, int]]]):
+        from PIL import Image, ImageDraw  # Pillow is only needed for pictures
+
+        self.rows, self.title, self.subtitle, self.sizes = rows, title, subtitle, sizes
+        self.fonts = {key: _font(size) for key, size in FONT_SIZES.items()}
+        self._scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        fonts, text_size = self.fonts, self.text_size
+        row_label_width = max(text_size(row, fonts["header"])[0] for row in rows) + 2 * PAD
+        slices_width = sum(sizes[v][0] for v in VIEWS) + GAP * (len(VIEWS) - 1)
+        title_w, title_h = text_size(title, fonts["title"])
+        sub_w, sub_h = text_size(subtitle, fonts["subtitle"]) if subtitle else (0, 0)
+        self.width = max(row_label_width + slices_width + PAD, title_w + 2 * PAD, sub_w + 2 * PAD)
+        self.boxes: dict[str, Box] = {}
+        y = PAD
+        self.boxes["title"] = (PAD, y, PAD + title_w, y + title_h)
+        y += title_h + PAD // 2
+        if subtitle:
+            self.boxes["subtitle"] = (PAD, y, PAD + sub_w, y + sub_h)
+            y += sub_h + PAD // 2
+        y = self._place_slices(y, row_label_width)
+        self.height = self._place_legend(y + PAD - GAP, legend_items) + PAD
+
+    def text_size(self, text: str, font) -> tuple[int, int]:
+        left, top, right, bottom = self._scratch.textbbox((0, 0), text, font=font)
         return right, bottom  # from the origin, so text placed at (x, y) stays inside (x, y, x + w, y + h)
 
-    row_label_width = max(text_size(row, fonts["header"])[0] for row in rows) + 2 * PAD
-    slices_width = sum(sizes[v][0] for v in VIEWS) + GAP * (len(VIEWS) - 1)
-    legend_items = [(f"{name} ({value})", tuple(int(c) for c in rgb))
-                    for name, value, rgb in zip(task.class_names[1:], task.label_values[1:], task.colours[1:])]
-    title_w, title_h = text_size(title, fonts["title"])
-    sub_w, sub_h = text_size(subtitle, fonts["subtitle"]) if subtitle else (0, 0)
-    width = max(row_label_width + slices_width + PAD, title_w + 2 * PAD, sub_w + 2 * PAD)
-    boxes: dict[str, Box] = {}
-    y = PAD
-    boxes["title"] = (PAD, y, PAD + title_w, y + title_h)
-    y += title_h + PAD // 2
-    if subtitle:
-        boxes["subtitle"] = (PAD, y, PAD + sub_w, y + sub_h)
-        y += sub_h + PAD // 2
-    header_h = max(text_size(v, fonts["header"])[1] for v in VIEWS)
-    x = row_label_width
-    for view in VIEWS:
-        w, h = text_size(view, fonts["header"])
-        left = x + (sizes[view][0] - w) // 2
-        boxes[f"view:{view}"] = (left, y + PAD // 2, left + w, y + PAD // 2 + h)
-        x += sizes[view][0] + GAP
-    y += header_h + PAD
-    row_h = max(size[1] for size in sizes.values())
-    for row in rows:
-        w, h = text_size(row, fonts["header"])
-        boxes[f"row:{row}"] = (PAD, y + (row_h - h) // 2, PAD + w, y + (row_h - h) // 2 + h)
+    def _place_slices(self, y: int, row_label_width: int) -> int:
+        """View names in a header line, then one line per row: its name and its slices; returns
+        the y below them."""
+        sizes, font = self.sizes, self.fonts["header"]
+        header_h = max(self.text_size(v, font)[1] for v in VIEWS)
         x = row_label_width
         for view in VIEWS:
-            w, h = sizes[view]
-            top = y + (row_h - h) // 2
-            boxes[f"slice:{row}:{view}"] = (x, top, x + w, top + h)
-            x += w + GAP
-        y += row_h + GAP
-    y += PAD - GAP
-    legend_lines, line, line_w = [], [], 0
-    swatch = FONT_SIZES["legend"]
-    for text, rgb in legend_items:
-        item_w = swatch + 6 + text_size(text, fonts["legend"])[0]
-        if line and PAD + line_w + item_w > width - PAD:
-            legend_lines.append(line)
-            line, line_w = [], 0
-        line.append((line_w, text, rgb))
-        line_w += item_w + 2 * PAD
-    legend_lines.append(line)
-    legend_line_h = max(swatch, max(text_size(t, fonts["legend"])[1] for t, _ in legend_items)) + 6
-    boxes["legend"] = (PAD, y, width - PAD, y + legend_line_h * len(legend_lines))
-    height = boxes["legend"][3] + PAD
+            w, h = self.text_size(view, font)
+            left = x + (sizes[view][0] - w) // 2
+            self.boxes[f"view:{view}"] = (left, y + PAD // 2, left + w, y + PAD // 2 + h)
+            x += sizes[view][0] + GAP
+        y += header_h + PAD
+        row_h = max(size[1] for size in sizes.values())
+        for row in self.rows:
+            w, h = self.text_size(row, font)
+            self.boxes[f"row:{row}"] = (PAD, y + (row_h - h) // 2, PAD + w, y + (row_h - h) // 2 + h)
+            x = row_label_width
+            for view in VIEWS:
+                w, h = sizes[view]
+                top = y + (row_h - h) // 2
+                self.boxes[f"slice:{row}:{view}"] = (x, top, x + w, top + h)
+                x += w + GAP
+            y += row_h + GAP
+        return y
 
-    # ---------------- drawing ----------------
-    canvas = Image.new("RGB", (width, height), BACKGROUND)
-    draw = ImageDraw.Draw(canvas)
-    draw.text(boxes["title"][:2], title, fill=TEXT, font=fonts["title"])
-    if subtitle:
-        draw.text(boxes["subtitle"][:2], subtitle, fill=TEXT, font=fonts["subtitle"])
-    for view in VIEWS:
-        draw.text(boxes[f"view:{view}"][:2], view, fill=TEXT, font=fonts["header"])
-    for row in rows:
-        draw.text(boxes[f"row:{row}"][:2], row, fill=TEXT, font=fonts["header"])
+    def _place_legend(self, y: int, items: list[tuple[str, tuple[int, int, int]]]) -> int:
+        """Legend items (a colour swatch and its text) in lines that fit the width; returns its bottom."""
+        font, swatch = self.fonts["legend"], FONT_SIZES["legend"]
+        self.legend_lines, line, line_w = [], [], 0
+        for text, rgb in items:
+            item_w = swatch + 6 + self.text_size(text, font)[0]
+            if line and PAD + line_w + item_w > self.width - PAD:
+                self.legend_lines.append(line)
+                line, line_w = [], 0
+            line.append((line_w, text, rgb))
+            line_w += item_w + 2 * PAD
+        self.legend_lines.append(line)
+        self.legend_line_h = max(swatch, max(self.text_size(t, font)[1] for t, _ in items)) + 6
+        self.boxes["legend"] = (PAD, y, self.width - PAD, y + self.legend_line_h * len(self.legend_lines))
+        return self.boxes["legend"][3]
+
+    def draw(self, slices: dict[tuple[str, str], np.ndarray]) -> np.ndarray:
+        """The picture ``(height, width, 3)`` uint8 with ``slices`` (``_slice_overlays``) pasted in."""
+        from PIL import Image, ImageDraw
+
+        boxes, fonts = self.boxes, self.fonts
+        canvas = Image.new("RGB", (self.width, self.height), BACKGROUND)
+        draw = ImageDraw.Draw(canvas)
+        draw.text(boxes["title"][:2], self.title, fill=TEXT, font=fonts["title"])
+        if self.subtitle:
+            draw.text(boxes["subtitle"][:2], self.subtitle, fill=TEXT, font=fonts["subtitle"])
         for view in VIEWS:
-            x0, y0, x1, y1 = boxes[f"slice:{row}:{view}"]
-            canvas.paste(Image.fromarray(slices[row, view]), (x0, y0))
-            _edge_letters(draw, boxes[f"slice:{row}:{view}"], EDGE_LETTERS[view], fonts["letter"], text_size)
-    top = boxes["legend"][1]
-    for line in legend_lines:
-        for offset, text, rgb in line:
-            x = PAD + offset
-            draw.rectangle([x, top + 3, x + swatch - 1, top + 3 + swatch - 1], fill=rgb)
-            draw.text((x + swatch + 6, top + 3), text, fill=TEXT, font=fonts["legend"])
-        top += legend_line_h
-    return np.asarray(canvas, dtype=np.uint8).copy(), boxes
+            draw.text(boxes[f"view:{view}"][:2], view, fill=TEXT, font=fonts["header"])
+        for row in self.rows:
+            draw.text(boxes[f"row:{row}"][:2], row, fill=TEXT, font=fonts["header"])
+            for view in VIEWS:
+                x0, y0, x1, y1 = boxes[f"slice:{row}:{view}"]
+                canvas.paste(Image.fromarray(slices[row, view]), (x0, y0))
+                _edge_letters(draw, boxes[f"slice:{row}:{view}"], EDGE_LETTERS[view], fonts["letter"], self.text_size)
+        swatch, top = FONT_SIZES["legend"], boxes["legend"][1]
+        for line in self.legend_lines:
+            for offset, text, rgb in line:
+                x = PAD + offset
+                draw.rectangle([x, top + 3, x + swatch - 1, top + 3 + swatch - 1], fill=rgb)
+                draw.text((x + swatch + 6, top + 3), text, fill=TEXT, font=fonts["legend"])
+            top += self.legend_line_h
+        return np.asarray(canvas, dtype=np.uint8).copy()
 
 
 def tumour_centre(*label_maps: np.ndarray) -> np.ndarray:

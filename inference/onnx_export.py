@@ -6,7 +6,7 @@
 
 One sliding window per call: the spatial size is fixed (``window``), the batch dimension is dynamic
 (windows and their flips are batched). ``torch.onnx.export`` (the ``torch.export``-based exporter,
-opset ``DEFAULT_OPSET``), then ``onnx.checker``; the metadata is ``engine.onnx_model.spec_metadata``.
+opset ``DEFAULT_OPSET``), then ``onnx.checker``; the metadata is ``inference.onnx_model.spec_metadata``.
 ``verify`` runs a random window through PyTorch and ONNX Runtime and refuses an export whose
 probabilities differ by more than ``VERIFY_TOLERANCE``.
 
@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.errors import UserError
-from engine.onnx_model import INPUT_NAME, OUTPUT_NAME, OnnxModel, spec_metadata
-from engine.predict import ModelSpec
-from engine.task import logits_to_probabilities
+from core.errors import UserError
+from core.task import logits_to_probabilities
+from inference.onnx_model import INPUT_NAME, OUTPUT_NAME, OnnxModel, spec_metadata
+from inference.predict import ModelSpec
 
 DEFAULT_OPSET = 20  # torch 2.13's default (its newest is 23); onnxruntime >= 1.17 runs it
 VERIFY_TOLERANCE = 1e-3  # max abs difference of probabilities, PyTorch vs ONNX Runtime, on a random window

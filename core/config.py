@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,8 +22,8 @@ from typing import Any, Literal
 
 import yaml
 
-from engine.atomic import atomic_write_text
-from engine.errors import UserError
+from core.atomic import atomic_write_text
+from core.errors import UserError
 
 
 class ConfigError(UserError):
@@ -140,7 +141,7 @@ class TrainConfig:
     time_limit: float = 0.0  # minutes; stop cleanly after this (0 = no limit)
     checkpoint_every: int = 0  # iterations between saves of last.pt (bounds the work a preemption loses); 0 = at the end of every epoch
     log_every: int = 10  # iterations between TensorBoard scalar writes
-    tune_postprocessing: bool = True  # at each validation choose post-processing on the validation cases (engine/tuning.py); best.pt on the post-processed score
+    tune_postprocessing: bool = True  # at each validation choose post-processing on the validation cases (inference/tuning.py); best.pt on the post-processed score
     cpu_threads: int = 0  # intra-op threads when training on the CPU (0 = torch default, one per core)
 
 
@@ -255,8 +256,89 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def from_dict(raw: dict[str, Any]) -> Config:
-    """Build a validated ``Config`` from a (possibly partial) nested dict."""
-    return _build(Config, raw, prefix="")
+    """Build a validated ``Config`` from a (possibly partial) nested dict: types while building,
+    then every value range (``validate``). Every entry point loads its config through here."""
+    return validate(_build(Config, raw, prefix=""))
+
+
+def validate(cfg: Config) -> Config:
+    """``cfg``, or a ``ConfigError`` naming the first key whose value is out of range. The one
+    place for the range of every key; what depends on the task (modalities, one post-processing
+    size per training region) is checked where the task is known (``core.task``)."""
+    for key, ok, rule in _range_rules(cfg):
+        if not ok:
+            section, name = key.split(".", 1)
+            raise ConfigError(f"{key}: {getattr(getattr(cfg, section), name)!r} {rule}")
+    return cfg
+
+
+_AUGMENT_PROBABILITIES = ("flip_prob", "rotate_prob", "scale_prob", "elastic_prob", "intensity_scale_prob",
+                          "intensity_shift_prob", "gamma_prob", "noise_prob", "blur_prob")
+_AUGMENT_RANGES = {"scale_range": True, "intensity_scale_range": True, "gamma_range": True,
+                   "blur_sigma": False}  # [low, high] keys -> whether low must be > 0 (else >= 0)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _sizes(value: Any, count: int = 3) -> bool:
+    return isinstance(value, list) and len(value) == count and all(_number(v) and v > 0 for v in value)
+
+
+def _pair(value: Any, positive: bool) -> tuple[bool, str]:
+    if not (isinstance(value, list) and len(value) == 2 and all(_number(v) for v in value)):
+        return False, "must be a [low, high] pair of numbers"
+    if value[0] > value[1]:
+        return False, "is inverted: low must not exceed high"
+    return (value[0] > 0 if positive else value[0] >= 0), ("must be > 0" if positive else "must be >= 0")
+
+
+def _range_rules(cfg: Config) -> list[tuple[str, bool, str]]:
+    """``(key, value is valid, rule)`` for every key with a range, in the order of the sections."""
+    d, a, t, i = cfg.data, cfg.augment, cfg.train, cfg.infer
+    kfold = not d.split_file
+    rules = [
+        ("data.spacing", d.spacing in ("auto", None) or _sizes(d.spacing), "must be auto, null or 3 positive numbers (mm)"),
+        ("data.patch_size", _sizes(d.patch_size), "must be 3 positive sizes"),
+        ("data.batch_size", d.batch_size >= 1, "must be >= 1"),
+        ("data.num_workers", d.num_workers >= 0, "must be >= 0"),
+        ("data.cache_workers", d.cache_workers >= 0, "must be >= 0"),
+        ("data.foreground_fraction", 0 <= d.foreground_fraction <= 1, "must be in [0, 1]"),
+        ("data.folds", not kfold or d.folds >= 2, "must be >= 2 for a k-fold split (or set data.split_file)"),
+        ("data.fold", not kfold or 0 <= d.fold < d.folds, f"must be in 0..{d.folds - 1}"),
+        ("data.synthetic_cases", d.synthetic_cases >= 0, "must be >= 0"),
+        ("data.synthetic_shape", _sizes(d.synthetic_shape), "must be 3 positive sizes"),
+    ]
+    rules += [(f"augment.{k}", _number(getattr(a, k)) and 0 <= getattr(a, k) <= 1, "is not a probability in [0, 1]")
+              for k in _AUGMENT_PROBABILITIES]
+    rules += [(f"augment.{k}", _number(getattr(a, k)) and getattr(a, k) >= 0, "must be a number >= 0")
+              for k in ("rotate_range", "elastic_magnitude", "intensity_shift_range", "noise_std")]
+    rules += [("augment.rotate_range", a.rotate_range <= 180, "must be at most 180 degrees"),
+              ("augment.elastic_sigma", _number(a.elastic_sigma) and a.elastic_sigma > 0, "must be a number > 0")]
+    rules += [(f"augment.{k}", *_pair(getattr(a, k), positive)) for k, positive in _AUGMENT_RANGES.items()]
+    rules += [
+        ("train.epochs", t.epochs >= 1, "must be >= 1"),
+        ("train.iters_per_epoch", t.iters_per_epoch >= 1, "must be >= 1"),
+        ("train.warmup_epochs", 0 <= t.warmup_epochs <= t.epochs, f"must be in [0, train.epochs={t.epochs}]"),
+        ("train.lr", t.lr > 0, "must be > 0"),
+        ("train.weight_decay", t.weight_decay >= 0, "must be >= 0"),
+        ("train.momentum", 0 <= t.momentum < 1, "must be in [0, 1)"),
+        ("train.grad_clip", t.grad_clip >= 0, "must be >= 0 (0 = off)"),
+        ("train.val_every", t.val_every >= 1, "must be >= 1"),
+        ("train.log_every", t.log_every >= 1, "must be >= 1"),
+        ("train.cpu_threads", t.cpu_threads >= 0, "must be >= 0 (0 = torch default)"),
+        ("train.time_limit", t.time_limit >= 0, "must be >= 0 (0 = no limit)"),
+        ("train.checkpoint_every", t.checkpoint_every >= 0, "must be >= 0 (0 = every epoch)"),
+        ("infer.overlap", 0.0 <= i.overlap < 1.0, "must be in [0, 1)"),
+        ("infer.sw_batch_size", i.sw_batch_size >= 1, "must be >= 1"),
+        ("infer.gaussian_sigma", i.gaussian_sigma > 0, "must be > 0"),
+        ("infer.region_threshold", 0.0 < i.region_threshold < 1.0, "must be in (0, 1)"),
+        ("infer.min_component_size", all(_number(v) and v >= 0 for v in i.min_component_size),
+         "must be sizes >= 0 (0 = off)"),
+        ("infer.et_min_volume", _number(i.et_min_volume) and i.et_min_volume >= 0, "must be >= 0 (0 = off)"),
+    ]
+    return rules
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -92,10 +92,6 @@ def build_optimizer(model: torch.nn.Module, train_cfg: Any, device_type: str = "
     Weight decay applies to weights with >= 2 dims (convolutions, linear layers, embeddings);
     biases and normalization scales (1-D) are not decayed.
     """
-    if train_cfg.lr <= 0:
-        raise ValueError(f"train.lr must be > 0, got {train_cfg.lr}")
-    if train_cfg.weight_decay < 0:
-        raise ValueError(f"train.weight_decay must be >= 0, got {train_cfg.weight_decay}")
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": train_cfg.weight_decay, "decay": True},
@@ -103,8 +99,6 @@ def build_optimizer(model: torch.nn.Module, train_cfg: Any, device_type: str = "
     ]
     groups = [g for g in groups if g["params"]]
     if train_cfg.optimizer == "sgd":
-        if not 0 <= train_cfg.momentum < 1:
-            raise ValueError(f"train.momentum must be in [0, 1), got {train_cfg.momentum}")
         return torch.optim.SGD(groups, lr=train_cfg.lr, momentum=train_cfg.momentum,
                                nesterov=train_cfg.momentum > 0)
     if train_cfg.optimizer == "adamw":
