@@ -600,11 +600,8 @@ def write_stage(run: Run, loaded: Loaded, classes: np.ndarray, probs: np.ndarray
 def full_probabilities(probs: np.ndarray, geometry: Geometry, mode: str) -> np.ndarray:
     """Probabilities ``(K, x, y, z)`` of the canonical crop -> the original grid; outside the crop
     background is certain (probability 1 for the background class in labels mode, 0 elsewhere)."""
-    full = to_original(probs, geometry, fill=0.0)
-    if mode == "labels":
-        inside = to_original(np.ones(probs.shape[1:], dtype=bool), geometry, fill=False)
-        full[0][~inside] = 1.0
-    return full
+    fill = [1.0] + [0.0] * (probs.shape[0] - 1) if mode == "labels" else 0.0
+    return to_original(probs, geometry, fill=fill)
 
 
 def evaluate_existing(run: Run, case: Case, seg_path: Path, failures: list[tuple[str, str]]) -> None:

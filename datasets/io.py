@@ -368,16 +368,18 @@ def _check_same_grid(img, ref, path: Path, ref_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------
-def to_original(array: np.ndarray, geometry: Geometry, fill: float = 0) -> np.ndarray:
+def to_original(array: np.ndarray, geometry: Geometry, fill: float | Sequence[float] = 0) -> np.ndarray:
     """``array (..., x, y, z)`` on the canonical crop (at the original spacing) -> ``(..., *geometry.shape)``
-    on the original grid: pasted into the canonical volume (``fill`` outside the crop), then
-    brought back to the original axis order (the exact inverse of the reorientation)."""
+    on the original grid: pasted into the canonical volume (``fill`` outside the crop: one value,
+    or one per channel of a ``(C, x, y, z)`` array), then brought back to the original axis order
+    (the exact inverse of the reorientation)."""
     spatial = tuple(array.shape[-3:])
     if spatial != geometry.cropped_shape:
         raise ValueError(f"array shape {spatial} is not the canonical crop {geometry.cropped_shape}")
     full = array
     if geometry.crop_box is not None and spatial != geometry.canonical_shape:
-        full = np.full(array.shape[:-3] + geometry.canonical_shape, fill, dtype=array.dtype)
+        full = np.empty(array.shape[:-3] + geometry.canonical_shape, dtype=array.dtype)
+        full[...] = np.reshape(fill, (-1, 1, 1, 1)) if np.ndim(fill) else fill
         (x0, x1), (y0, y1), (z0, z1) = geometry.crop_box
         full[..., x0:x1, y0:y1, z0:z1] = array
     return np.ascontiguousarray(from_canonical(full, geometry.orientation))

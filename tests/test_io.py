@@ -212,6 +212,12 @@ def test_to_original_pastes_and_reorients():
     assert full[3, 10 - 1 - 2, 1] == 5  # original x = canonical y, original y reversed, original z = canonical x
     with pytest.raises(ValueError, match="is not the canonical crop"):
         to_original(np.ones((9, 10, 6)), geometry)
+    probs = np.full((3, 6, 12, 6), 0.5, np.float32)  # per-channel fill outside the crop
+    full = to_original(probs, geometry, fill=[1.0, 0.0, 0.25])
+    inside = to_original(np.ones((6, 12, 6), bool), geometry, fill=False)
+    assert full.shape == (3, 12, 10, 8) and inside.sum() == 6 * 12 * 6
+    assert (full[:, inside] == 0.5).all()
+    assert (full[0][~inside] == 1.0).all() and (full[1][~inside] == 0.0).all() and (full[2][~inside] == 0.25).all()
 
 
 # ----------------------------------------------------------------------------------------------
