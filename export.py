@@ -22,11 +22,11 @@ probabilities after each member's sliding window, as it does for checkpoints.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import shlex
 from pathlib import Path
 
 from core.atomic import atomic_write_bytes, check_writable
+from core.checkpoint import file_sha256
 from core.errors import UserError, run_cli
 from inference.onnx_export import DEFAULT_OPSET, export_network
 from inference.predict import check_ensemble, load_model
@@ -53,14 +53,6 @@ def output_paths(output: Path, count: int) -> list[Path]:
     if count == 1:
         return [output]
     return [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(1, count + 1)]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import sys
@@ -54,6 +53,7 @@ import torch
 from tqdm import tqdm
 
 from core.atomic import atomic_write_text, check_writable
+from core.checkpoint import file_sha256
 from core.config import Config, parse_override
 from core.errors import UserError, run_cli
 from core.task import Task, TaskError, display_channels, load_task
@@ -69,6 +69,7 @@ from datasets.io import (
     write_segmentation,
 )
 from datasets.preprocess import preprocess_case, restore_probabilities
+from inference.postprocess import CONFIG_KEYS as POSTPROCESS_CONFIG_KEYS
 from inference.postprocess import Rules, check_rules, postprocess_classes
 from inference.predict import (
     ModelSpec,
@@ -189,15 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-POSTPROCESS_KEYS = ("min_component_size", "et_min_volume", "postprocess_unit", "largest_component")
-
-
 def choose_postprocessing(args: argparse.Namespace, cfg: Config, spec: ModelSpec) -> tuple[Rules, str]:
     """The post-processing rules to apply and where they come from: ``infer.*`` overrides of any of
-    ``POSTPROCESS_KEYS`` win, then ``--postprocessing FILE``, then the rules tuned on the
+    ``POSTPROCESS_CONFIG_KEYS`` win, then ``--postprocessing FILE``, then the rules tuned on the
     validation cases stored in a single checkpoint; an ensemble gets none without a file (its
     members were tuned on different cases)."""
-    overridden = [o for o in args.overrides if parse_override(o)[0] in {f"infer.{k}" for k in POSTPROCESS_KEYS}]
+    keys = {f"infer.{key}" for key in POSTPROCESS_CONFIG_KEYS}
+    overridden = [o for o in args.overrides if parse_override(o)[0] in keys]
     if overridden:
         return Rules.from_config(cfg.infer), "infer.* overrides"
     if args.postprocessing:
@@ -300,21 +299,12 @@ def select_cases(cases: list[Case], wanted: list[str], spec: str, input_dir: Pat
     return [case for case in cases if case.case_id in chosen]
 
 
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file, read in 1-MB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def mask_configuration(run: Run) -> dict:
     """What decides the masks: the checkpoints (path and SHA-256), the task, every ``infer.*``
     setting except those that only change speed or placement (``NOT_MASK_SETTINGS``) and the
     output task. Two runs with equal hashes, task and settings write the same masks."""
     settings = {f"infer.{key}": value for key, value in dataclasses.asdict(run.cfg.infer).items()
-                if key not in NOT_MASK_SETTINGS and key not in POSTPROCESS_KEYS}
+                if key not in NOT_MASK_SETTINGS and key not in POSTPROCESS_CONFIG_KEYS}
     settings.update({f"postprocessing.{key}": value for key, value in run.rules.to_dict().items()})  # as applied
     return {
         "checkpoints": [{"path": str(Path(p).resolve()), "sha256": file_sha256(p)} for p in run.checkpoints],

@@ -15,6 +15,7 @@ config's old keys are migrated (``core.config.migrate_keys``).
 """
 from __future__ import annotations
 
+import hashlib
 import pickle
 import re
 import warnings
@@ -30,6 +31,16 @@ from core.errors import UserError
 from core.task import Task, TaskError, legacy_task
 
 FORMAT = "brats-seg/1"
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a checkpoint (or exported model) file, read in 1-MB chunks: what identifies the
+    weights that wrote a prediction folder or an ONNX export."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:

@@ -37,6 +37,10 @@ _CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
 UNITS = ("voxels", "mm3")
 
 
+# the infer.* keys that make up the post-processing rules (Rules.from_config)
+CONFIG_KEYS = ("min_component_size", "et_min_volume", "postprocess_unit", "largest_component")
+
+
 @dataclass(frozen=True)
 class Rules:
     """One post-processing setting (module docstring). The default is off."""
@@ -52,6 +56,7 @@ class Rules:
 
     @classmethod
     def from_config(cls, infer_cfg) -> "Rules":
+        """The rules of the ``infer.*`` keys ``CONFIG_KEYS``."""
         return cls(tuple(float(s) for s in infer_cfg.min_component_size), float(infer_cfg.et_min_volume),
                    infer_cfg.postprocess_unit, bool(infer_cfg.largest_component))
 

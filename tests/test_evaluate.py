@@ -186,25 +186,6 @@ def test_default_report_does_not_replace_the_metrics_of_infer(flat, capsys):
     assert "PRED_DIR/evaluation.json" in capsys.readouterr().out
 
 
-@pytest.fixture
-def unwritable(tmp_path):
-    """``(folder, reason)``: a folder where no file can be created. A read-only folder (chmod 0o500)
-    or, where that does not stop writes (root), a folder below a file of the same name as a parent."""
-    folder = tmp_path / "readonly"
-    folder.mkdir()
-    folder.chmod(0o500)
-    try:
-        (folder / "probe").write_bytes(b"")
-    except PermissionError:
-        yield folder, "Permission denied"
-        folder.chmod(0o700)
-        return
-    (folder / "probe").unlink()
-    folder.chmod(0o700)
-    (tmp_path / "blocker").write_text("a file, not a folder")
-    yield tmp_path / "blocker" / "out", "a file of that name is in the way"
-
-
 def test_unwritable_report_folder_exits_2_before_reading_cases(tmp_path, flat, unwritable, capsys):
     pred_dir, _ = flat
     folder, reason = unwritable

@@ -569,25 +569,6 @@ def test_cases_errors_exit_2(tmp_path, threshold_net, capsys, spec, message):
 # ----------------------------------------------------------------------------------------------
 # Unwritable OUTPUT, full disk
 # ----------------------------------------------------------------------------------------------
-@pytest.fixture
-def unwritable(tmp_path):
-    """``(folder, reason)``: a folder where no file can be created. A read-only folder (chmod 0o500)
-    or, where that does not stop writes (root), a folder below a file of the same name as a parent."""
-    folder = tmp_path / "readonly"
-    folder.mkdir()
-    folder.chmod(0o500)
-    try:
-        (folder / "probe").write_bytes(b"")
-    except PermissionError:
-        yield folder, "Permission denied"
-        folder.chmod(0o700)
-        return
-    (folder / "probe").unlink()
-    folder.chmod(0o700)
-    (tmp_path / "blocker").write_text("a file, not a folder")
-    yield tmp_path / "blocker" / "out", "a file of that name is in the way"
-
-
 def test_unwritable_output_exits_2_before_any_work(tmp_path, unwritable, capsys):
     folder, reason = unwritable
     write_case(tmp_path / "data", case_id("2021", 1))

@@ -266,15 +266,6 @@ def synthetic_volume(seed: int = 0):
     return image[None, None], classes[None]
 
 
-@pytest.fixture()
-def one_thread():
-    """Tiny convolutions run ~10x faster on one thread when other processes share the cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.mark.parametrize("name", ["dice_ce", "region_dice_bce"])
 def test_loss_decreases_when_fitting_a_tiny_network(name, one_thread):
     torch.manual_seed(0)

@@ -17,6 +17,8 @@ from losses import output_mode
 from models import MODELS, ModelConfigError, SwinUNETR, UNet3D, build_model, count_parameters
 from models.swin_unetr import SwinBlock, attention_allowed, relative_position_index, window_geometry
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one torch thread (conftest)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Small networks: the U-Net has 4 stages (divisor 8), the Swin UNETR 2 stages (divisor 2 * 2**2 = 8).
@@ -30,15 +32,6 @@ def tiny_unet(**kwargs) -> UNet3D:
 
 def tiny_swin(**kwargs) -> SwinUNETR:
     return SwinUNETR(2, 3, **{**TINY_SWIN, **kwargs})
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These networks are tiny: one thread is faster than two, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def seeded(make, seed=0):

@@ -1,32 +1,21 @@
 """Native-space data end to end (CPU, tiny): cases of mixed spacings (1x1x1, 1x1x3, 0.8x0.8x2 mm)
 and orientations (LPS, RAS, oblique) are trained on one canonical grid and target spacing, and
 every written mask has its input's exact grid, affine and header; Dice is scored on the native grid."""
-import contextlib
-import io
 import json
 
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 import yaml
 
 import infer
 import train
+from cli_capture import run_cli_captured as run  # (exit code, stdout, stderr) of a script's main
 from core.checkpoint import load_checkpoint
-from core.errors import run_cli
 from datasets.io import discover_cases
 from datasets.synthetic import generate_dataset
 
-
-def run(main, argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            run_cli(main, [str(a) for a in argv])
-        except SystemExit as exc:
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one torch thread (conftest)
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +23,6 @@ def native_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("native")
     generate_dataset(root / "data", 6, seed=2, task="brats-gli-2021", shape=(48, 48, 36), native="mixed")
     return root
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def config(root, spacing, out):

@@ -34,19 +34,12 @@ from inference.onnx_export import VERIFY_TOLERANCE, export_network  # noqa: E402
 from inference.onnx_model import FORMAT, OnnxModel, load_onnx_model, spec_from_metadata, spec_metadata  # noqa: E402
 from inference.predict import ModelSpec, auto_backend, choose_backend, load_model, load_models, predict_case  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one torch thread (conftest)
+
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = builtin_tasks()
 SHAPE = (30, 26, 20)
 MODALITIES = ["t1", "t1ce", "t2", "flair"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks: one thread is faster than two on a busy machine (both backends get the same)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_config(name: str) -> Config:

@@ -1,42 +1,23 @@
 """One real run per task family at tiny size: generate synthetic cases of the task, train a few
 iterations (task auto-detected), infer, and check the written masks: the task's own label values,
 in the input's grid and affine, scored per region of the task."""
-import contextlib
-import io
 import json
 
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 import yaml
 
 import infer
 import train
+from cli_capture import run_cli_captured as run  # (exit code, stdout, stderr) of a script's main
 from core.checkpoint import load_checkpoint
-from core.errors import run_cli
 from core.task import builtin_tasks
 from datasets.io import discover_cases
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one torch thread (conftest)
+
 TASKS = builtin_tasks()
-
-
-def run(main, argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            run_cli(main, [str(a) for a in argv])
-        except SystemExit as exc:
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name, loss", [("brats-gli-2024", "region_dice_bce"), ("brats-ped", "dice_ce"),

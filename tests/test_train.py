@@ -1,6 +1,5 @@
 """train.py end to end on tiny synthetic data (CPU): outputs, TensorBoard, exact resume, time
 limit, non-finite loss, atomic checkpoints, 2-process DDP (gloo) and bad inputs."""
-import contextlib
 import io
 import json
 import os
@@ -15,9 +14,11 @@ import torch
 import yaml
 
 import train
+from cli_capture import run_cli_captured
 from core.checkpoint import load_checkpoint
-from core.errors import run_cli
 from core.optim import lr_factor
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one torch thread (conftest)
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS, ITERS, LR = 2, 3, 0.01
@@ -38,23 +39,7 @@ def tiny_config(tmp: Path) -> dict:
 
 def run(argv: list[str]) -> tuple[int, str, str]:
     """``python train.py ARGV`` in this process: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            run_cli(train.main, argv)
-        except SystemExit as exc:
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these networks are tiny, and two threads spin-wait badly when other
-    processes share the two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    return run_cli_captured(train.main, argv)
 
 
 @pytest.fixture(scope="module")
