@@ -215,6 +215,7 @@ def build_parts(cfg, info: dist.DistInfo, resume: dict | None, log) -> Parts:
         model.to(memory_format=torch.channels_last_3d)
     train_model = model
     if info.distributed:
+        contiguous_pointwise_weights(model)
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.train.compile:
         train_model = torch.compile(train_model)
@@ -738,6 +739,17 @@ def load_weights(model: torch.nn.Module, state: dict) -> None:
         raise UserError(f"checkpoint weights do not fit the model ({first})") from None
 
 
+def contiguous_pointwise_weights(model: torch.nn.Module) -> None:
+    """Give every parameter whose spatial sizes are all 1 (1x1x1 convolution weights, (C_out, C_in,
+    1, 1, 1)) plain contiguous strides. After ``channels_last_3d`` they read (C_in, 1, C_in, C_in,
+    C_in): the same memory, but DDP compares the gradient's strides with its bucket's literally and
+    warns "Grad strides do not match bucket view strides" on every run."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 2 and all(size == 1 for size in param.shape[2:]):
+                param.data = param.data.clone(memory_format=torch.contiguous_format)
+
+
 def precision_name(dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[dtype]
 
@@ -880,4 +892,4 @@ def restore_rng(states: list[dict], info: dist.DistInfo, device: torch.device, b
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, exit_with=dist.exit_process)  # a torchrun worker skips interpreter shutdown

@@ -14,11 +14,13 @@ import datetime
 import functools
 import logging
 import os
+import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
+from torch.distributed.rendezvous import rendezvous
 
 from core.errors import UserError
 
@@ -131,14 +133,22 @@ def setup(device_name: str = "auto") -> DistInfo:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        if backend == "gloo":
-            # gloo connects its peers when first used: with the eager full mesh (the default in torch
-            # 2.13) a group restarted by torchrun --max-restarts times out connecting to the dead
-            # workers' old addresses
-            os.environ.setdefault("TORCH_GLOO_LAZY_INIT", "1")
         kwargs = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend=backend, timeout=TIMEOUT, **kwargs)
+        dist.init_process_group(backend=backend, timeout=TIMEOUT, store=attempt_store(), rank=rank,
+                                world_size=world_size, **kwargs)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def attempt_store() -> dist.Store:
+    """The ``env://`` rendezvous store that ``init_process_group`` would use, with keys of its own
+    for each torchrun attempt (``TORCHELASTIC_RESTART_COUNT``).
+
+    torchrun's agent keeps one store across ``--max-restarts``: without the prefix the restarted
+    workers can read the dead workers' entries (gloo then fails with "connectFullMesh failed ...
+    Connection refused" to an old address; NCCL would read an old unique id)."""
+    store, _, _ = next(rendezvous("env://", timeout=TIMEOUT))
+    store.set_timeout(TIMEOUT)
+    return dist.PrefixStore(f"default_pg/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def barrier() -> None:
@@ -149,6 +159,23 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """``sys.exit(code)``; in a torchrun worker (``WORLD_SIZE > 1``), ``os._exit(code)`` once stdout,
+    stderr and the log handlers are flushed.
+
+    The process group outlives ``destroy_process_group`` (DistributedDataParallel keeps a reference
+    in C++, torch 2.13), and so do gloo's worker threads. A worker still releasing the last
+    collective's tensors needs the GIL; if the interpreter is finalizing by then, the finished run
+    aborts ("terminate called without an active exception", SIGABRT). Skipping finalization loses
+    nothing: checkpoints, metrics and TensorBoard files are written and closed before this point."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        sys.exit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """Shared fixtures. The repo root is put on sys.path so tests import the packages directly."""
+import socket
 import sys
 from pathlib import Path
 
@@ -18,6 +19,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for torchrun and TCP stores)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ def main() -> None:
             loss.forward = forward
             return loss
         train.build_loss = build_loss
-    run_cli(train.main, argv)
+    run_cli(train.main, argv, exit_with=train.dist.exit_process)
 
 
 if __name__ == "__main__":

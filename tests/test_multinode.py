@@ -2,7 +2,6 @@
 as one node with two processes, and a worker killed mid-epoch under --max-restarts with --resume auto."""
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +15,6 @@ from datasets.synthetic import generate_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +70,9 @@ def same_parameters(a: Path, b: Path) -> None:
         assert torch.allclose(tensor, second[name], rtol=1e-6, atol=1e-7), name
 
 
-def test_two_nodes_with_node_local_caches_equal_one_node(setup):
+def test_two_nodes_with_node_local_caches_equal_one_node(setup, free_port):
     tmp, env = setup["tmp"], setup["env"]
-    port = free_port()
+    port = free_port
     launchers = [start(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
          "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes", "train.py",

@@ -4,7 +4,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -217,20 +216,15 @@ def test_nonfinite_loss_skipped_when_asked(base, monkeypatch):
     assert all(record["val"][region]["hd95"] >= 0 for region in ("WT", "TC", "ET"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_ddp_two_processes_gloo(base):
+def test_ddp_two_processes_gloo(base, free_port):
     out_dir = base["tmp"] / "run_ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(ROOT / "train.py"), *args(base, out_dir, "train.epochs=1")]
+           f"--master_port={free_port}", str(ROOT / "train.py"), *args(base, out_dir, "train.epochs=1")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("effective batch 4 (2 x 2 processes)") == 1  # rank 0 alone prints
+    assert "Grad strides do not match" not in proc.stderr  # 1x1x1 weights under channels_last_3d
     state = load_checkpoint(out_dir / "last.pt")
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     assert (state["epoch"], state["iteration"]) == (1, ITERS)
@@ -299,6 +293,45 @@ def test_single_process_distributed_helpers(monkeypatch):
     assert torch.equal(dist.all_reduce_sum(torch.tensor([1.0, 2.0])), torch.tensor([1.0, 2.0]))
     dist.barrier()
     dist.cleanup()
+
+
+@pytest.mark.parametrize("attempt", ["0", "3"])
+def test_each_torchrun_attempt_has_keys_of_its_own(monkeypatch, free_port, attempt):
+    """torchrun keeps its store across --max-restarts: attempt n's keys go under default_pg/attempt_n,
+    so a restarted group cannot read the dead workers' entries (set here under attempt 0)."""
+    import datetime
+
+    from core.distributed import attempt_store
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port), "RANK": "0", "WORLD_SIZE": "1",
+           "TORCHELASTIC_RESTART_COUNT": attempt}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)  # rank 0 hosts the store
+    store = attempt_store()
+    store.set("rank_1", f"address of attempt {attempt}")
+    raw = torch.distributed.TCPStore("127.0.0.1", free_port, is_master=False,
+                                     timeout=datetime.timedelta(seconds=10))
+    raw.set("default_pg/attempt_0/stale", "a dead worker's address")
+    assert raw.get(f"default_pg/attempt_{attempt}/rank_1") == f"address of attempt {attempt}".encode()
+    assert store.check(["stale"]) == (attempt == "0")
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_a_torchrun_worker_exits_without_interpreter_shutdown(world_size):
+    """exit_process: sys.exit in a single process; in a worker, os._exit after flushing stdout and
+    the log (gloo's threads outlive the group and may need the GIL of a finalizing interpreter)."""
+    script = ("import atexit, logging, sys\n"
+              "from core.distributed import exit_process\n"
+              "atexit.register(lambda: print('interpreter shutdown'))\n"
+              "logging.basicConfig(stream=sys.stderr)\n"
+              "logging.getLogger('x').warning('logged')\n"
+              "print('done', end='')\n"
+              "exit_process(3)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WORLD_SIZE": world_size}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3
+    assert proc.stdout.startswith("done") and "logged" in proc.stderr
+    assert ("interpreter shutdown" in proc.stdout) == (world_size == "1")
 
 
 @pytest.mark.parametrize("name,match", [("meta", "unsupported device"), ("cuda:7", "CUDA|does not exist"),
