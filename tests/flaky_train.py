@@ -11,6 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train  # noqa: E402
+from core.distributed import exit_process  # noqa: E402
 from core.errors import run_cli  # noqa: E402
 
 
@@ -32,7 +33,7 @@ def main() -> None:
             loss.forward = forward
             return loss
         train.build_loss = build_loss
-    run_cli(train.main, argv, exit_with=train.dist.exit_process)
+    run_cli(train.main, argv, exit_with=exit_process)
 
 
 if __name__ == "__main__":
